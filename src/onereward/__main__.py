@@ -1,0 +1,3 @@
+from onereward.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""`onereward` command line: run the graph, run one stage (container entrypoint), print the graph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from onereward.config import ConfigError, load_config
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise SystemExit(f"{flag} {v!r}: expected NAME=URI")
+        k, u = v.split("=", 1)
+        out[k] = u
+    return out
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from onereward.pipeline import GRAPH
+
+    if args.json:
+        print(json.dumps([
+            {"stage": s.name, "inputs": list(s.inputs),
+             "outputs": [{"name": o.name, "kind": o.kind} for o in s.outputs],
+             "gpu": s.resources.gpu, "node_pool": s.resources.node_pool}
+            for s in GRAPH
+        ], indent=2))
+        return 0
+    for s in GRAPH:
+        ins = ", ".join(s.inputs) or "-"
+        outs = ", ".join(f"{o.name}:{o.kind}" for o in s.outputs)
+        pool = f"gpu x{s.resources.gpu}" if s.resources.gpu else "cpu"
+        print(f"{s.name:<20} in: {ins:<40} out: {outs:<28} [{pool}]  {s.description}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from onereward import tracking
+    from onereward.runner import StageFailed, run_pipeline
+
+    settings = load_config(args.profile, args.set)
+    start = time.perf_counter()
+    try:
+        result = run_pipeline(settings, until=args.until, force=tuple(args.force))
+    except StageFailed as e:
+        print(f"pipeline failed at stage {e.stage}: {e.cause}", file=sys.stderr)
+        return 1
+    took = time.perf_counter() - start
+    cached = [o.stage for o in result.outcomes if o.status == "cached"]
+    print(f"\npipeline ({settings.profile}) finished in {took:.1f}s; "
+          f"ran {len(result.outcomes) - len(cached)} stage(s), cached {len(cached)}: {', '.join(cached) or '-'}")
+    for o in result.outcomes:
+        for name, uri in o.outputs.items():
+            print(f"  {o.stage}.{name}: {uri}")
+    print(f"MLflow: {tracking.tracking_uri()} (pipeline run {result.run_id}, "
+          f"experiment {settings.tracking.experiment!r})")
+    if result.stopped_at:
+        print(f"stopped at {result.stopped_at}: not implemented yet (stages before it completed)")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from onereward.pipeline import GRAPH
+    from onereward.runner import execute_stage
+
+    settings = load_config(args.config, args.set)
+    stage = GRAPH.get(args.name)
+    outcome = execute_stage(stage, settings, _pairs(args.inputs, "--in"), _pairs(args.outputs, "--out"),
+                            force=args.force)
+    print(json.dumps({"stage": outcome.stage, "status": outcome.status, "key": outcome.key,
+                      "outputs": outcome.outputs, "metrics": outcome.metrics}))
+    if args.metrics_file:  # KFP writes small outputs through files
+        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
+        with open(args.metrics_file, "w") as f:
+            json.dump(outcome.metrics, f)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onereward", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the whole graph locally (skips cached stages)")
+    r.add_argument("--profile", default="tiny", help="profile name in configs/ or a YAML path")
+    r.add_argument("--until", help="stop after this stage")
+    r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("stage", help="run one stage from input URIs to output URIs (container entrypoint)")
+    s.add_argument("name")
+    s.add_argument("--in", dest="inputs", action="append", default=[], metavar="NAME=URI")
+    s.add_argument("--out", dest="outputs", action="append", default=[], metavar="NAME=URI")
+    s.add_argument("--config", default="tiny", help="profile name or YAML path")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    s.add_argument("--force", action="store_true", help="rerun even if the outputs are cached")
+    s.add_argument("--metrics-file", help="also write the stage metrics as JSON here")
+    s.set_defaults(func=cmd_stage)
+
+    g = sub.add_parser("graph", help="print the stages and their artifacts")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_graph)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""Typed configuration: one pydantic model tree, loaded from configs/*.yaml plus `a.b=value` overrides.
+
+Unknown keys and bad values are refused with the dotted path of the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TASKS = ("fill", "extend", "removal", "text")
+Task = Literal["fill", "extend", "removal", "text"]
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProceduralSource(Strict):
+    kind: Literal["procedural"] = "procedural"
+    count: int = Field(400, ge=1)
+    photos: bool = True  # crops of photos bundled with scikit-image as backgrounds
+    clipart: bool = True  # Debian openclipart-png objects when installed
+
+
+class FolderSource(Strict):
+    kind: Literal["folder"] = "folder"
+    path: str
+
+
+class ManifestSource(Strict):
+    kind: Literal["manifest"] = "manifest"
+    uri: str
+    column: str = "uri"
+
+
+Source = Annotated[ProceduralSource | FolderSource | ManifestSource, Field(discriminator="kind")]
+
+
+class CurateConfig(Strict):
+    sources: list[Source] = Field(default_factory=lambda: [ProceduralSource()])
+    min_side: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)  # decompression-bomb guard, checked before decoding
+    min_std: float = Field(2.0, ge=0)  # near-constant images are dropped
+    dedup_hamming: int = Field(0, ge=0, le=64)  # perceptual-hash distance counted as duplicate
+    shard_rows: int = Field(512, ge=1)
+
+
+class MaskConfig(Strict):
+    task_mix: dict[Task, float] = Field(
+        default_factory=lambda: {"fill": 0.25, "extend": 0.25, "removal": 0.25, "text": 0.25}
+    )
+    conditions_per_image: int = Field(2, ge=1)
+    coverage: dict[Task, tuple[float, float]] = Field(
+        default_factory=lambda: {
+            "fill": (0.04, 0.45),
+            "extend": (0.1, 0.5),
+            "removal": (0.02, 0.6),
+            "text": (0.04, 0.5),
+        }
+    )
+    extend_ratios: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.375])
+    removal_dilation: int = Field(1, ge=0)
+    latin_texts: list[str] = Field(default_factory=lambda: ["A7", "OK", "HI", "42", "GO", "XY"])
+    chinese_texts: list[str] = Field(default_factory=lambda: ["中", "山", "水", "日"])
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)
+    mix_tolerance: float = Field(0.15, ge=0, le=1)  # allowed |share - target| in validation
+
+    @model_validator(mode="after")
+    def _check(self) -> MaskConfig:
+        if sum(self.task_mix.values()) <= 0:
+            raise ValueError("task_mix must give at least one task a positive weight")
+        for task, (lo, hi) in self.coverage.items():
+            if not 0 < lo < hi <= 1:
+                raise ValueError(f"coverage.{task} must satisfy 0 < low < high <= 1")
+        return self
+
+
+class GeneratorConfig(Strict):
+    kind: Literal["tiny_unet", "flux_fill"] = "tiny_unet"
+    base_uri: str | None = None  # flux: local path or s3:// URI of a FluxFill checkpoint
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_prompt_tokens: int = 8
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora_rank: int = Field(0, ge=0)
+
+
+class PretrainConfig(Strict):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    eval_conditions: int = Field(50, ge=1)  # held-out conditions per task for the baseline check
+    eval_steps: int = Field(4, ge=1)
+    sample_grid_rows: int = Field(4, ge=1)
+    threads: int = Field(0, ge=0)  # torch threads; 0 = leave torch's default
+
+
+class CandidatesConfig(Strict):
+    per_condition: int = Field(4, ge=1)
+    max_conditions: int = Field(200, ge=1)
+    steps: list[int] = Field(default_factory=lambda: [4, 8])
+    guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
+    negative_prompt: str = ""
+    batch_size: int = Field(32, ge=1)
+
+
+class Resources(Strict):
+    gpu_node_pool: str = "gpu-pool"
+    gpu_type: str = "nvidia.com/gpu"
+    gpu_accelerator: str = "NVIDIA_H100_80GB"  # value of the node selector / KFP accelerator type
+    toleration_key: str = "nvidia.com/gpu"
+    cpu_node_pool: str = "cpu-pool"
+
+
+class TrackingConfig(Strict):
+    experiment: str = "onereward"
+    generator_model_name: str = "onereward-generator"
+
+
+class Settings(Strict):
+    profile: str = "tiny"
+    image_size: int = Field(32, ge=8)
+    seed: int = 0
+    artifact_root: str | None = None  # default: $ONEREWARD_HOME/artifacts
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    resources: Resources = Field(default_factory=Resources)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def resolved_artifact_root(self) -> str:
+        return self.artifact_root or str(home_dir() / "artifacts")
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get("ONEREWARD_HOME", ".onereward")).resolve()
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part) if isinstance(node, dict) else None
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def resolve_profile(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    return CONFIG_DIR / f"{profile}.yaml"
+
+
+def load_config(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """Load a profile name (configs/NAME.yaml) or a YAML path, then apply `a.b=value` overrides."""
+    path = resolve_profile(profile)
+    if not path.exists():
+        raise ConfigError(f"no configuration file {path} for profile {profile!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for ov in overrides:
+        _apply_override(data, ov)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(path))) from None
+
+
+def settings_from_json(text: str) -> Settings:
+    try:
+        return Settings.model_validate_json(text)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, "json")) from None

@@ -1,0 +1,195 @@
+"""The built-in procedural source: scenes with exact object masks, known backgrounds and rendered text.
+
+Backgrounds are gradients, CC0 textures and photo crops bundled with scikit-image / scikit-learn;
+objects are procedural shapes (always) or Debian openclipart-png cut-outs (when installed).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "orange": (250, 140, 20),
+    "purple": (140, 40, 190),
+}
+SHAPES = ("circle", "square", "triangle")
+PHOTO_NAMES = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "moon", "rocket",
+               "immunohistochemistry", "hubble_deep_field", "clock", "retina")
+TEXTURE_NAMES = ("brick", "grass", "gravel")
+CLIPART_GLOB = "/usr/share/openclipart/png/**/*.png"
+LATIN_FONT = Path(__import__("matplotlib").get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"
+CJK_FONTS = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+             "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc")
+
+
+@dataclass
+class Scene:
+    image: np.ndarray  # HxWx3 uint8
+    background: np.ndarray  # the scene without the removable object
+    object_mask: np.ndarray  # HxW bool
+    object_label: str
+    recipe: str
+
+
+@functools.cache
+def _photo(name: str) -> np.ndarray:
+    import warnings
+
+    if name.startswith("sklearn:"):
+        from sklearn.datasets import load_sample_images
+
+        return load_sample_images().images[int(name.split(":")[1])]
+    import skimage.data
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = getattr(skimage.data, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+@functools.cache
+def photo_names() -> tuple[str, ...]:
+    names = []
+    for n in (*PHOTO_NAMES, *TEXTURE_NAMES, "sklearn:0", "sklearn:1"):
+        try:
+            _photo(n)
+            names.append(n)
+        except Exception:  # an asset missing from this install is simply not used
+            continue
+    return tuple(names)
+
+
+@functools.cache
+def clipart_files() -> tuple[str, ...]:
+    return tuple(sorted(glob.glob(CLIPART_GLOB, recursive=True)))
+
+
+@functools.cache
+def cjk_font_path() -> str | None:
+    return next((p for p in CJK_FONTS if Path(p).exists()), None)
+
+
+def font(size: int, cjk: bool = False) -> ImageFont.FreeTypeFont:
+    path = cjk_font_path() if cjk else None
+    return ImageFont.truetype(path or str(LATIN_FONT), size)
+
+
+def _crop(rng: np.random.Generator, img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = int(rng.integers(min(h, w) // 4, min(h, w) + 1))
+    y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    crop = Image.fromarray(img[y : y + s, x : x + s]).resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(crop)
+
+
+def background(rng: np.random.Generator, size: int, photos: bool) -> tuple[np.ndarray, str]:
+    kind = rng.choice(["gradient", "photo"] if photos else ["gradient"], p=[0.4, 0.6] if photos else None)
+    if kind == "photo":
+        name = str(rng.choice(photo_names()))
+        return _crop(rng, _photo(name), size), f"photo:{name}"
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    t = (np.cos(angle) * xx + np.sin(angle) * yy)
+    t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    img = c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), "gradient"
+
+
+def shape_mask(rng: np.random.Generator, size: int, shape: str) -> np.ndarray:
+    r = rng.uniform(0.14, 0.3) * size
+    cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+    canvas = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=255)
+    return np.asarray(canvas) > 127
+
+
+def _clipart(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+    files = clipart_files()
+    if not files:
+        return None
+    path = files[int(rng.integers(len(files)))]
+    try:
+        im = Image.open(path).convert("RGBA")
+    except Exception:
+        return None
+    side = int(rng.uniform(0.35, 0.6) * size)
+    im.thumbnail((side, side))
+    canvas = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    x, y = int(rng.integers(0, size - im.width + 1)), int(rng.integers(0, size - im.height + 1))
+    canvas.paste(im, (x, y))
+    arr = np.asarray(canvas)
+    mask = arr[..., 3] > 127
+    if mask.mean() < 0.02:
+        return None
+    return arr[..., :3], mask, Path(path).parent.name.replace("_", " ")
+
+
+def scene(rng: np.random.Generator, size: int, photos: bool = True, clipart: bool = True) -> Scene:
+    """Background, an optional distractor shape, then the removable object on top."""
+    bg, recipe = background(rng, size, photos)
+    base = bg.copy()
+    if rng.random() < 0.3:
+        dmask = shape_mask(rng, size, str(rng.choice(SHAPES)))
+        base[dmask] = COLORS[str(rng.choice(list(COLORS)))]
+        recipe += "+distractor"
+    img = base.copy()
+    art = _clipart(rng, size) if clipart and rng.random() < 0.3 else None
+    if art is not None:
+        pixels, mask, label = art
+        img[mask] = pixels[mask]
+    else:
+        shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+        mask = shape_mask(rng, size, shape)
+        img[mask] = COLORS[color]
+        label = f"{color} {shape}"
+    return Scene(img, base, mask, label, f"{recipe}+{label}")
+
+
+def render_text(img: np.ndarray, box: tuple[int, int, int, int], text: str, cjk: bool) -> np.ndarray:
+    """Draw `text` centred in box (x0, y0, x1, y1) in a colour contrasting with the region."""
+    x0, y0, x1, y1 = box
+    region = img[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+    color = (0, 0, 0) if region.mean() > 127 else (255, 255, 255)
+    out = Image.fromarray(img.copy())
+    d = ImageDraw.Draw(out)
+    size = max(y1 - y0, 6)
+    f = font(size, cjk)
+    while size > 6:
+        left, top, right, bottom = d.textbbox((0, 0), text, font=f)
+        if right - left <= x1 - x0 and bottom - top <= y1 - y0:
+            break
+        size -= 1
+        f = font(size, cjk)
+    left, top, right, bottom = d.textbbox((0, 0), text, font=f)
+    tx = x0 + (x1 - x0 - (right - left)) / 2 - left
+    ty = y0 + (y1 - y0 - (bottom - top)) / 2 - top
+    d.text((tx, ty), text, fill=color, font=f)
+    return np.asarray(out)
+
+
+def color_name(pixels: np.ndarray) -> str:
+    """Nearest palette name of the mean colour of some pixels (prompts for free-form fills)."""
+    mean = pixels.reshape(-1, 3).mean(0)
+    return min(COLORS, key=lambda n: float(np.sum((np.array(COLORS[n]) - mean) ** 2)))

@@ -1,0 +1,52 @@
+"""The Parquet schemas of the data stages — the one place they are documented.
+
+Images are PNG bytes (RGB for images, L for masks with 255 = region to generate).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CURATED = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # sha1 of the PNG bytes, 16 hex chars
+        pa.field("source", pa.string(), nullable=False),  # procedural | folder | manifest
+        pa.field("origin", pa.string(), nullable=False),  # file path, URI, or procedural recipe
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # PNG, RGB, image_size x image_size
+        pa.field("phash", pa.string(), nullable=False),  # 64-bit DCT hash, hex
+        pa.field("background", pa.binary()),  # PNG: the scene without the object (procedural only)
+        pa.field("object_mask", pa.binary()),  # PNG L: exact mask of the removable object
+        pa.field("object_label", pa.string()),  # e.g. "red circle", clipart category
+    ]
+)
+
+CONDITIONS = pa.schema(
+    [
+        pa.field("condition_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),  # fill | extend | removal | text
+        pa.field("image", pa.binary(), nullable=False),  # PNG RGB input (masked region is ignored)
+        pa.field("mask", pa.binary(), nullable=False),  # PNG L, 255 = generate here
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("target", pa.binary()),  # PNG RGB ground truth when known
+        pa.field("mask_coverage", pa.float32(), nullable=False),  # share of masked pixels
+        pa.field("split", pa.string(), nullable=False),  # train | heldout (by image)
+        pa.field("params", pa.string(), nullable=False),  # JSON: side, ratio, text, label, ...
+    ]
+)
+
+
+def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def check_columns(tbl: pa.Table, schema: pa.Schema, what: str) -> None:
+    """Refuse a table whose columns or types differ from the schema, naming the column."""
+    for field in schema:
+        if field.name not in tbl.column_names:
+            raise ValueError(f"{what}: missing column {field.name!r}")
+        got = tbl.schema.field(field.name).type
+        if got != field.type and not (pa.types.is_large_binary(got) and pa.types.is_binary(field.type)):
+            raise ValueError(f"{what}: column {field.name!r} has type {got}, expected {field.type}")

@@ -1,0 +1,134 @@
+"""Data validation at stage boundaries with great-expectations (ephemeral context, pandas batches).
+
+A failing suite raises DataValidationError naming each failing expectation, its column and the first
+offending row ids; the full result is logged to MLflow by the caller's stage run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from onereward import tracking
+
+
+class DataValidationError(ValueError):
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class Expect:
+    """One expectation: a great_expectations.expectations class name and its keyword arguments."""
+
+    kind: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def run_suite(name: str, df: pd.DataFrame, expectations: list[Expect], id_column: str) -> dict[str, Any]:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = {"globally": False}
+    batch = (
+        ctx.data_sources.add_pandas(f"{name}-source")
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": df})
+    )
+    suite = gx.ExpectationSuite(name=name)
+    for e in expectations:
+        suite.add_expectation(getattr(gx.expectations, e.kind)(**e.kwargs))
+    ids = [id_column] if id_column in df.columns else []
+    result = batch.validate(
+        suite,
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ids},
+    )
+    failures = []
+    for r in result.results:
+        if r.success:
+            continue
+        cfg = r.expectation_config
+        kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
+        rows = [row.get(id_column) for row in (r.result.get("unexpected_index_list") or [])[:10]]
+        failures.append({"expectation": cfg.type, "kwargs": kwargs, "rows": rows,
+                         "observed": r.result.get("observed_value"),
+                         "unexpected_count": r.result.get("unexpected_count")})
+    report = {"suite": name, "success": bool(result.success), "rows": len(df), "failures": failures}
+    tracking.log_dict(report, f"validation/{name}.json")
+    tracking.log_metrics({f"validation.{name}.success": float(result.success)})
+    return report
+
+
+def validate(name: str, df: pd.DataFrame, expectations: list[Expect], id_column: str) -> dict[str, Any]:
+    report = run_suite(name, df, expectations, id_column)
+    if not report["success"]:
+        lines = [f"data validation {name!r} failed on {len(report['failures'])} expectation(s):"]
+        for f in report["failures"]:
+            where = f"column {f['kwargs'].get('column')!r}" if "column" in f["kwargs"] else str(f["kwargs"])
+            rows = f", rows {f['rows']}" if f["rows"] else ""
+            obs = f", observed {f['observed']}" if f["observed"] is not None else ""
+            lines.append(f"  {f['expectation']} on {where}{rows}{obs}")
+        raise DataValidationError("\n".join(lines), report)
+    return report
+
+
+def _not_null(cols: list[str]) -> list[Expect]:
+    return [Expect("ExpectColumnValuesToNotBeNull", {"column": c}) for c in cols]
+
+
+def _exist(cols: list[str]) -> list[Expect]:
+    return [Expect("ExpectColumnToExist", {"column": c}) for c in cols]
+
+
+def curated_suite(min_side: int) -> list[Expect]:
+    required = ["image_id", "source", "origin", "width", "height", "image", "phash"]
+    return [
+        *_exist(required),
+        *_not_null(required),
+        Expect("ExpectColumnValuesToBeUnique", {"column": "image_id"}),
+        Expect("ExpectColumnValuesToBeBetween", {"column": "width", "min_value": min_side}),
+        Expect("ExpectColumnValuesToBeBetween", {"column": "height", "min_value": min_side}),
+        Expect("ExpectColumnValuesToBeInSet", {"column": "decodable", "value_set": [True]}),
+        Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}),
+    ]
+
+
+def conditions_suite(tasks: list[str], coverage: dict[str, tuple[float, float]]) -> list[Expect]:
+    required = ["condition_id", "image_id", "task", "image", "mask", "prompt", "mask_coverage", "split"]
+    out = [
+        *_exist(required),
+        *_not_null(required),
+        Expect("ExpectColumnValuesToBeUnique", {"column": "condition_id"}),
+        Expect("ExpectColumnValuesToBeInSet", {"column": "task", "value_set": tasks}),
+        Expect("ExpectColumnValuesToBeInSet", {"column": "split", "value_set": ["train", "heldout"]}),
+        Expect("ExpectColumnValuesToBeInSet", {"column": "decodable", "value_set": [True]}),
+        Expect("ExpectColumnValueLengthsToBeBetween", {"column": "prompt", "min_value": 1}),
+        Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}),
+    ]
+    for task, (lo, hi) in coverage.items():
+        out.append(Expect("ExpectColumnValuesToBeBetween", {
+            "column": "mask_coverage", "min_value": lo, "max_value": hi,
+            "row_condition": f'task=="{task}"', "condition_parser": "pandas"}))
+    return out
+
+
+def task_mix_frame(tasks: pd.Series, mix: dict[str, float], tolerance: float) -> pd.DataFrame:
+    total = sum(mix.values())
+    shares = tasks.value_counts(normalize=True)
+    return pd.DataFrame([
+        {"task": t, "share": float(shares.get(t, 0.0)),
+         "low": max(0.0, w / total - tolerance), "high": min(1.0, w / total + tolerance)}
+        for t, w in mix.items()
+    ])
+
+
+TASK_MIX_SUITE = [
+    Expect("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "share", "column_B": "low", "or_equal": True}),
+    Expect("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "high", "column_B": "share", "or_equal": True}),
+]

@@ -1,0 +1,127 @@
+"""The pipeline graph, declared once. The local runner, the KFP pipeline and the Airflow DAG are all
+built from GRAPH, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+ArtifactKind = Literal["Dataset", "Model", "Metrics", "HTML"]
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    kind: ArtifactKind = "Dataset"
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu: str = "1"
+    memory: str = "4Gi"
+    gpu: int = 0
+    shm: str | None = None  # size of /dev/shm for data loaders on GPU nodes
+
+    @property
+    def node_pool(self) -> Literal["gpu", "cpu"]:
+        return "gpu" if self.gpu else "cpu"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    func: str  # "module:function", imported only when the stage runs
+    inputs: tuple[str, ...]  # artifact names produced by earlier stages
+    outputs: tuple[Output, ...]
+    params: tuple[str, ...]  # Settings sections that, with the inputs, key the outputs
+    resources: Resources = field(default_factory=Resources)
+    retries: int = 2
+    version: str = "1"  # bump when the stage's logic changes its outputs
+    description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        module, _, attr = self.func.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+GPU = Resources(cpu="8", memory="64Gi", gpu=1, shm="16Gi")
+
+
+@dataclass(frozen=True)
+class Graph:
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        produced: dict[str, str] = {}
+        names: set[str] = set()
+        for s in self.stages:
+            if s.name in names:
+                raise ValueError(f"duplicate stage {s.name!r}")
+            names.add(s.name)
+            for i in s.inputs:
+                if i not in produced:
+                    raise ValueError(f"stage {s.name!r} reads {i!r}, which no earlier stage produces")
+            for o in s.outputs:
+                if o.name in produced:
+                    raise ValueError(f"artifact {o.name!r} produced twice")
+                produced[o.name] = s.name
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def get(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(self.names)}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def producer(self, artifact: str) -> Stage:
+        return next(s for s in self.stages if any(o.name == artifact for o in s.outputs))
+
+    def output_kind(self, artifact: str) -> ArtifactKind:
+        return next(o.kind for o in self.producer(artifact).outputs if o.name == artifact)
+
+    def upstream(self, stage: Stage) -> list[Stage]:
+        return list(dict.fromkeys(self.producer(a) for a in stage.inputs))
+
+    def with_stage(self, stage: Stage) -> Graph:
+        return replace(self, stages=(*self.stages, stage))
+
+
+def _pending(name: str) -> str:
+    return "onereward.stages.pending:not_implemented"
+
+
+GRAPH = Graph((
+    Stage("curate", "onereward.stages.curate:curate", (), (Output("curated"),),
+          ("image_size", "seed", "curate"),
+          description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards"),
+    Stage("synthesize_masks", "onereward.stages.synthesize_masks:synthesize_masks", ("curated",),
+          (Output("conditions"),), ("image_size", "seed", "masks"),
+          description="fill / extend / removal / text conditions with masks, prompts, targets"),
+    Stage("pretrain_base", "onereward.stages.pretrain_base:pretrain_base", ("conditions",),
+          (Output("base_model", "Model"),), ("seed", "generator", "pretrain"), GPU,
+          description="train the tiny base generator, or register an external base (flux)"),
+    Stage("generate_candidates", "onereward.stages.generate_candidates:generate_candidates",
+          ("conditions", "base_model"), (Output("candidates"),), ("seed", "candidates"), GPU,
+          description="N candidates per condition with varied seeds / guidance / steps"),
+    Stage("label_preferences", _pending("label_preferences"), ("conditions", "candidates"),
+          (Output("preferences"),), ("seed",),
+          description="winner/loser per (task, criterion) from a pluggable labeller"),
+    Stage("train_reward", _pending("train_reward"), ("preferences",), (Output("reward_model", "Model"),),
+          ("seed",), GPU, description="fine-tune the VLM judge on Yes/No; register it"),
+    Stage("rl_finetune", _pending("rl_finetune"), ("conditions", "base_model", "reward_model"),
+          (Output("policy", "Model"),), ("seed",), GPU, description="OneReward multi-task RL"),
+    Stage("distill", _pending("distill"), ("conditions", "policy"), (Output("student", "Model"),),
+          ("seed",), GPU, description="few-step student with CFG folded in"),
+    Stage("evaluate", _pending("evaluate"), ("conditions", "student", "reward_model"),
+          (Output("evaluation", "Metrics"),), ("seed",), GPU, description="metrics and gates"),
+    Stage("promote", _pending("promote"), ("evaluation", "student"), (Output("promotion", "Metrics"),),
+          ("seed",), description="registry aliases challenger / champion"),
+))

@@ -1,0 +1,155 @@
+"""curate: ingest images from the configured sources, drop bad ones with a counted reason, write shards."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.progress import track
+
+from onereward import storage, tracking
+from onereward.config import FolderSource, ManifestSource, ProceduralSource, Settings
+from onereward.data import procedural, schema, validation
+from onereward.data.images import ImageRejected, center_square, decode_guarded, from_png, hamming, phash, to_png
+from onereward.stages import StageContext
+
+# (source, origin, encoded bytes or a decoded scene, error)
+Item = tuple[str, str, bytes | procedural.Scene | None, ImageRejected | None]
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def _procedural(src: ProceduralSource, s: Settings) -> Iterator[Item]:
+    for i in range(src.count):
+        rng = np.random.default_rng([s.seed, i])
+        yield "procedural", f"scene:{i}", procedural.scene(rng, s.image_size, src.photos, src.clipart), None
+
+
+def _read_guarded(uri: str, name: str) -> tuple[bytes | None, ImageRejected | None]:
+    try:
+        if storage.file_size(uri) > MAX_FILE_BYTES:
+            return None, ImageRejected("too_large", f"{name} is over {MAX_FILE_BYTES} bytes")
+        return storage.read_bytes(uri), None
+    except (OSError, FileNotFoundError) as e:
+        return None, ImageRejected("unreadable", f"{name}: {e}")
+
+
+def _folder(src: FolderSource) -> Iterator[Item]:
+    root = Path(src.path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"curate: folder source {src.path!r} does not exist")
+    for p in sorted(x for x in root.rglob("*") if x.is_file() and not x.name.startswith(".")):
+        data, err = _read_guarded(str(p), str(p))
+        yield "folder", str(p), data, err
+
+
+def _manifest(src: ManifestSource) -> Iterator[Item]:
+    tbl = storage.read_parquet_uri(src.uri)
+    if src.column not in tbl.column_names:
+        raise ValueError(f"manifest {src.uri}: missing column {src.column!r} (has {tbl.column_names})")
+    for i, uri in enumerate(tbl.column(src.column).to_pylist()):
+        if not uri:
+            yield "manifest", f"{src.uri}#row{i}", None, ImageRejected("unreadable", f"row {i}: empty URI")
+            continue
+        data, err = _read_guarded(uri, f"{uri} (manifest row {i})")
+        yield "manifest", uri, data, err
+
+
+def iter_sources(s: Settings) -> Iterator[Item]:
+    for src in s.curate.sources:
+        if isinstance(src, ProceduralSource):
+            yield from _procedural(src, s)
+        elif isinstance(src, FolderSource):
+            yield from _folder(src)
+        else:
+            yield from _manifest(src)
+
+
+def source_count(s: Settings) -> int | None:
+    if all(isinstance(src, ProceduralSource) for src in s.curate.sources):
+        return sum(src.count for src in s.curate.sources)  # type: ignore[union-attr]
+    return None
+
+
+def curate(ctx: StageContext) -> dict[str, float]:
+    s, c = ctx.settings, ctx.settings.curate
+    out = ctx.outputs["curated"]
+    drops: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    seen: set[int] = set()
+    hashes: list[int] = []
+    rows: list[dict] = []
+    total = 0
+
+    def drop(reason: str, detail: str) -> None:
+        drops[reason] += 1
+        examples.setdefault(reason, [])
+        if len(examples[reason]) < 5:
+            examples[reason].append(detail)
+
+    for source, origin, payload, err in track(iter_sources(s), description="curate", total=source_count(s)):
+        total += 1
+        if err is not None:
+            drop(err.reason, str(err))
+            continue
+        extra: dict = {"background": None, "object_mask": None, "object_label": None}
+        try:
+            if isinstance(payload, procedural.Scene):
+                arr = payload.image
+                extra = {"background": to_png(payload.background),
+                         "object_mask": to_png(payload.object_mask.astype(np.uint8) * 255),
+                         "object_label": payload.object_label}
+                origin = f"{origin}:{payload.recipe}"
+            else:
+                assert payload is not None
+                im = decode_guarded(payload, origin, min_side=c.min_side, max_pixels=c.max_pixels)
+                arr = np.asarray(center_square(im, s.image_size))
+        except ImageRejected as e:
+            drop(e.reason, str(e))
+            continue
+        if float(arr.std()) < c.min_std:
+            drop("near_constant", f"{origin}: pixel std {arr.std():.2f} < {c.min_std}")
+            continue
+        h = phash(arr)
+        if h in seen or (c.dedup_hamming and any(hamming(h, o) <= c.dedup_hamming for o in hashes)):
+            drop("duplicate", f"{origin}: perceptual hash {h:016x} seen before")
+            continue
+        seen.add(h)
+        hashes.append(h)
+        png = to_png(arr)
+        rows.append({"image_id": hashlib.sha1(png).hexdigest()[:16], "source": source, "origin": origin,
+                     "width": arr.shape[1], "height": arr.shape[0], "image": png, "phash": f"{h:016x}",
+                     **extra})
+
+    # Identical pixels from two origins share an image_id: keep the first.
+    unique = {r["image_id"]: r for r in reversed(rows)}
+    for _ in range(len(rows) - len(unique)):
+        drop("duplicate", "identical pixels")
+    rows = [r for r in rows if unique.get(r["image_id"]) is r]
+    if not rows:
+        raise ValueError(f"curate: no image survived curation ({dict(drops)})")
+    validate_curated(rows, s)
+    for i in range(0, len(rows), c.shard_rows):
+        out.write_table(schema.table(rows[i : i + c.shard_rows], schema.CURATED))
+    report = {"seen": total, "kept": len(rows), "dropped": dict(drops), "examples": examples,
+              "by_source": dict(Counter(r["source"] for r in rows))}
+    out.write_json("report.json", report)
+    tracking.log_dict(report, "curation_report.json")
+    return {"images_seen": total, "images_kept": len(rows),
+            **{f"dropped.{k}": v for k, v in drops.items()}}
+
+
+def validate_curated(rows: list[dict], s: Settings) -> None:
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("background", "object_mask")} for r in rows])
+    df["decodable"] = [_decodes(r["image"]) for r in rows]
+    validation.validate("curated", df, validation.curated_suite(s.curate.min_side), "image_id")
+
+
+def _decodes(png: bytes | None) -> bool:
+    try:
+        return png is not None and from_png(png).size > 0
+    except Exception:
+        return False
