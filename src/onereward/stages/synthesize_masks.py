@@ -129,10 +129,14 @@ def conditions_for(row: dict, s: Settings) -> tuple[list[dict], Counter[str]]:
     weights = np.array([cfg.task_mix[t] for t in tasks], dtype=float)
     split = _split(row["image_id"], cfg.heldout_fraction)
     rows, skipped = [], Counter()
+    used: set[str] = set()
     for k in range(cfg.conditions_per_image):
-        eligible = [i for i, t in enumerate(tasks) if t != "removal" or row["object_mask"]]
+        # One removal per image: its mask and target are fixed by the scene, a second would repeat it.
+        eligible = [i for i, t in enumerate(tasks)
+                    if t != "removal" or (row["object_mask"] and "removal" not in used)]
         p = weights[eligible] / weights[eligible].sum()
         task = tasks[int(rng.choice(eligible, p=p))]
+        used.add(task)
         made = MAKERS[task](rng, img, row, cfg)
         if made is None:
             skipped[f"{task}_coverage_out_of_range"] += 1
