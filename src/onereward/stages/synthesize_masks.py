@@ -17,6 +17,7 @@ from onereward.config import TASKS, MaskConfig, Settings
 from onereward.data import procedural, schema, validation
 from onereward.data.images import from_png, to_png
 from onereward.stages import StageContext
+from onereward.stages.curate import validate_curated
 
 Condition = tuple[np.ndarray, str, np.ndarray | None, dict]  # mask, prompt, target, params
 ATTEMPTS = 8
@@ -155,8 +156,10 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     curated = ctx.inputs["curated"].read_table()
     schema.check_columns(curated, schema.CURATED, f"curated artifact {ctx.inputs['curated'].uri}")
+    curated_rows = curated.to_pylist()
+    validate_curated(curated_rows, s)  # the input boundary: refuse rows we could not use
     rows, skipped = [], Counter()
-    for r in track(curated.to_pylist(), description="synthesize_masks"):
+    for r in track(curated_rows, description="synthesize_masks"):
         made, sk = conditions_for(r, s)
         rows.extend(made)
         skipped.update(sk)

@@ -1,0 +1,189 @@
+"""curate + synthesize_masks end to end: local and S3, caching, bad input, crash safety."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from onereward import storage
+from onereward.data.images import from_png
+from onereward.data.validation import DataValidationError
+from onereward.pipeline import GRAPH
+from onereward.runner import execute_stage, run_pipeline
+
+DATA_STAGES = ("curate", "synthesize_masks")
+
+
+def _run_data(settings, root=None):
+    if root:
+        settings = settings.model_copy(update={"artifact_root": root})
+    return run_pipeline(settings, until="synthesize_masks")
+
+
+def _rows(uri):
+    t = storage.Artifact(uri).read_table().sort_by("condition_id")
+    return t.drop_columns(["params"]).to_pylist()
+
+
+def test_local_run_then_cached(small_settings):
+    s = small_settings()
+    first = _run_data(s)
+    assert [o.status for o in first.outcomes] == ["done", "done"]
+    cond_uri = first.outcomes[1].outputs["conditions"]
+    art = storage.Artifact(cond_uri)
+    tbl = art.read_table()
+    assert set(tbl.column("task").to_pylist()) == {"fill", "extend", "removal", "text"}
+    assert set(tbl.column("split").to_pylist()) == {"train", "heldout"}
+    for r in tbl.to_pylist()[:20]:
+        mask = from_png(r["mask"], "L") > 127
+        assert abs(mask.mean() - r["mask_coverage"]) < 1e-6 and mask.any()
+        assert from_png(r["image"]).shape == (32, 32, 3)
+        assert r["target"] is not None and r["prompt"]
+    removal = [r for r in tbl.to_pylist() if r["task"] == "removal"][0]
+    mask = from_png(removal["mask"], "L") > 127
+    # outside the removal mask the target equals the input: only the object changes
+    assert np.array_equal(from_png(removal["image"])[~mask], from_png(removal["target"])[~mask])
+
+    second = _run_data(s)
+    assert [o.status for o in second.outcomes] == ["cached", "cached"]
+    changed = _run_data(s.model_copy(update={"seed": 1}))
+    assert [o.status for o in changed.outcomes] == ["done", "done"]
+
+
+def test_s3_matches_local(small_settings, s3_bucket):
+    s = small_settings()
+    local = _run_data(s)
+    remote = _run_data(s, f"s3://{s3_bucket}/runs")
+    r_uri = remote.outcomes[1].outputs["conditions"]
+    assert r_uri.startswith("s3://")
+    assert _rows(local.outcomes[1].outputs["conditions"]) == _rows(r_uri)
+    assert [o.status for o in _run_data(s, f"s3://{s3_bucket}/runs").outcomes] == ["cached", "cached"]
+
+
+def _png(size, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_folder_images_are_counted_drops(small_settings, tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    (d / "good1.png").write_bytes(_png((64, 48), seed=1))
+    (d / "good2.png").write_bytes(_png((40, 40), seed=2))
+    (d / "dup.png").write_bytes(_png((64, 48), seed=1))
+    (d / "corrupt.png").write_bytes(_png((64, 64), seed=3)[:60])
+    (d / "empty.png").write_bytes(b"")
+    (d / "tiny.png").write_bytes(_png((1, 1)))
+    (d / "flat.png").write_bytes(_png((64, 64), "L", 4)[:0] or _flat_png())
+    Image.new("1", (9000, 5000)).save(d / "bomb.png")  # 45 M pixels > max_pixels
+    s = small_settings(f"curate.sources=[{{kind: folder, path: '{d}'}}]", "curate.max_pixels=20000000")
+    out = str(tmp_path / "curated")
+    outcome = execute_stage(GRAPH.get("curate"), s, {}, {"curated": out})
+    report = storage.Artifact(out).read_json("report.json")
+    assert report["kept"] == 2 and outcome.metrics["images_kept"] == 2
+    assert report["dropped"] == {"corrupt": 1, "empty_file": 1, "undersized": 1, "too_large": 1,
+                                 "duplicate": 1, "near_constant": 1}
+    assert any("bomb.png" in e for e in report["examples"]["too_large"])
+    assert any("corrupt.png" in e for e in report["examples"]["corrupt"])
+
+
+def _flat_png():
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (120, 120, 120)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_manifest_missing_column_is_a_clear_error(small_settings, tmp_path):
+    man = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"path": [str(tmp_path / "x.png")]}), man)
+    s = small_settings(f"curate.sources=[{{kind: manifest, uri: '{man}'}}]")
+    out = tmp_path / "curated"
+    with pytest.raises(ValueError, match="missing column 'uri'"):
+        execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(out)})
+    assert not out.exists() and not list(tmp_path.glob(".staging-*"))
+
+
+def test_manifest_of_s3_uris(small_settings, s3_bucket, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    uris = []
+    for i in range(3):
+        s3.put_object(Bucket=s3_bucket, Key=f"img/{i}.png", Body=_png((48, 48), seed=10 + i))
+        uris.append(f"s3://{s3_bucket}/img/{i}.png")
+    uris.append(f"s3://{s3_bucket}/img/missing.png")
+    man = f"s3://{s3_bucket}/manifest.parquet"
+    fs, path = storage.resolve(man)
+    pq.write_table(pa.table({"uri": uris}), path, filesystem=fs)
+    s = small_settings(f"curate.sources=[{{kind: manifest, uri: '{man}'}}]")
+    out = f"s3://{s3_bucket}/out/curated"
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": out})
+    rep = storage.Artifact(out).read_json("report.json")
+    assert rep["kept"] == 3 and rep["dropped"] == {"unreadable": 1}
+
+
+def test_failing_validation_names_rows_and_writes_nothing(small_settings, tmp_path):
+    s = small_settings("curate.sources=[{kind: procedural, count: 8}]")
+    cur = str(tmp_path / "curated")
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": cur})
+    # Corrupt one image in a copy of the curated artifact (a wrong upstream, a bad import).
+    rows = storage.Artifact(cur).read_table().to_pylist()
+    rows[3]["image"] = b"not a png"
+    bad = str(tmp_path / "curated_bad")
+    from onereward.data import schema
+
+    with storage.writing(bad, key="bad") as w:
+        w.write_table(schema.table(rows, schema.CURATED))
+    out = tmp_path / "conditions"
+    with pytest.raises(DataValidationError) as e:
+        execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": bad}, {"conditions": str(out)})
+    assert rows[3]["image_id"] in str(e.value) and "decodable" in str(e.value)
+    assert not out.exists() and not list(tmp_path.glob(".staging-conditions-*"))
+
+
+def test_empty_mask_fails_conditions_suite(small_settings):
+    from onereward.stages.synthesize_masks import validate_conditions
+
+    s = small_settings()
+    blank = io.BytesIO()
+    Image.new("L", (32, 32), 0).save(blank, format="PNG")
+    rows = [{"condition_id": "c-empty", "image_id": "i", "task": "fill", "image": _png((32, 32)),
+             "mask": blank.getvalue(), "prompt": "fill red", "target": None, "mask_coverage": 0.0,
+             "split": "train", "params": "{}"}]
+    with pytest.raises(DataValidationError, match="c-empty"):
+        validate_conditions(rows, s.model_copy(update={"masks": s.masks.model_copy(
+            update={"task_mix": {"fill": 1.0}})}))
+
+
+def test_sigkill_mid_write_leaves_nothing_and_rerun_completes(home, tmp_path):
+    out = tmp_path / "curated"
+    cmd = [sys.executable, "-m", "onereward", "stage", "curate", "--out", f"curated={out}",
+           "--set", "curate.sources=[{kind: procedural, count: 4000}]", "--set", "curate.shard_rows=50"]
+    env = {**os.environ, "ONEREWARD_HOME": str(home)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".staging-curated-*")):
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".staging-curated-*")), "the kill should land while staging"
+    assert not out.exists() and not storage.Artifact(str(out)).exists()
+    small = ["--set", "curate.sources=[{kind: procedural, count: 40}]"]
+    done = subprocess.run(cmd[:7] + small, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
+    assert storage.Artifact(str(out)).exists()
+    assert not list(tmp_path.glob(".staging-curated-*"))
