@@ -1,0 +1,242 @@
+"""The mask-guided generator interface (rectified flow, like FLUX) and the tiny pixel-space model.
+
+Convention: images are float tensors in [-1, 1], shape (B, 3, H, W); masks are (B, 1, H, W) with 1 where
+the model must generate. Flow time t runs from 1 (noise) to 0 (data): z_t = (1 - t) z0 + t eps.
+The networks predict z0 ("x0-prediction"); sampling is Euler on v = (z_t - z0_hat) / t.
+
+One sampler serves every backbone: a subclass says how to condition, encode text, predict z0 and move
+between pixels and its working space (identity for the tiny model, the VAE latent space for FLUX).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from onereward.config import GeneratorConfig
+from onereward.models import tokenizer as tok
+
+META = "generator.json"
+
+
+class MaskedFlowGenerator(ABC):
+    image_size: int
+
+    # --- what a backbone provides -------------------------------------------------------------
+    @abstractmethod
+    def condition(self, images: torch.Tensor, masks: torch.Tensor) -> Any:
+        """The masked-image conditioning; the model never sees pixels under the mask."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str]) -> Any: ...
+
+    @abstractmethod
+    def predict_x0(self, z_t: torch.Tensor, t: torch.Tensor, cond: Any, text: Any) -> torch.Tensor: ...
+
+    @abstractmethod
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def model_space_shape(self, batch: int) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def trainable_modules(self) -> list[torch.nn.Module]: ...
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None: ...
+
+    # --- shared flow-matching logic -----------------------------------------------------------
+    def parameters(self):
+        for m in self.trainable_modules():
+            yield from m.parameters()
+
+    def train(self, mode: bool = True) -> MaskedFlowGenerator:
+        for m in self.trainable_modules():
+            m.train(mode)
+        return self
+
+    def guided_x0(self, z_t, t, cond, pos, neg, guidance: float) -> torch.Tensor:
+        """True CFG as in OneReward: pred_neg + s * (pred_pos - pred_neg), two passes a step."""
+        x_pos = self.predict_x0(z_t, t, cond, pos)
+        if neg is None or guidance == 1.0:
+            return x_pos
+        x_neg = self.predict_x0(z_t, t, cond, neg)
+        return x_neg + guidance * (x_pos - x_neg)
+
+    def _texts(self, prompts, guidance, negative_prompt):
+        pos = self.encode_text(prompts)
+        neg = self.encode_text([negative_prompt] * len(prompts)) if guidance != 1.0 else None
+        return pos, neg
+
+    @staticmethod
+    def schedule(steps: int) -> torch.Tensor:
+        return torch.linspace(1.0, 0.0, steps + 1)
+
+    def _noise(self, batch: int, seed: int | list[int]) -> torch.Tensor:
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(batch)]
+        return torch.stack([
+            torch.randn(self.model_space_shape(1)[1:], generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds
+        ])
+
+    def _run(self, z, cond, pos, neg, guidance, ts: torch.Tensor) -> torch.Tensor:
+        for i in range(len(ts) - 1):
+            t, t_next = ts[i], ts[i + 1]
+            x0 = self.guided_x0(z, t.expand(z.shape[0]), cond, pos, neg, guidance)
+            z = x0 + (t_next / t) * (z - x0)
+        return z
+
+    @torch.no_grad()
+    def sample(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        prompts: list[str],
+        *,
+        steps: int = 4,
+        guidance: float = 1.0,
+        negative_prompt: str = "",
+        seed: int | list[int] = 0,
+    ) -> torch.Tensor:
+        """Full denoising from noise; returns images in [-1, 1]."""
+        self.train(False)
+        cond = self.condition(images, masks)
+        pos, neg = self._texts(prompts, guidance, negative_prompt)
+        z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, self.schedule(steps))
+        return self.to_pixels(z).clamp(-1, 1)
+
+    def denoise_then_jump(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        prompts: list[str],
+        *,
+        stop_step: int,
+        steps: int,
+        guidance: float = 1.0,
+        negative_prompt: str = "",
+        seed: int | list[int] = 0,
+    ) -> torch.Tensor:
+        """RL path: denoise without gradients to step `stop_step` of `steps`, then predict x0 in one jump
+        with gradients through the network (and the decoder), returning pixels in [-1, 1]."""
+        if not 0 <= stop_step < steps:
+            raise ValueError(f"stop_step must be in [0, {steps}), got {stop_step}")
+        ts = self.schedule(steps)
+        cond = self.condition(images, masks)
+        pos, neg = self._texts(prompts, guidance, negative_prompt)
+        with torch.no_grad():
+            z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, ts[: stop_step + 1])
+        t = ts[stop_step].expand(z.shape[0])
+        x0 = self.guided_x0(z.detach(), t, cond, pos, neg, guidance)
+        return self.to_pixels(x0).clamp(-1, 1)
+
+    def training_loss(self, targets, images, masks, prompts, generator: torch.Generator) -> torch.Tensor:
+        """Rectified-flow loss with x0-prediction; t from a logit-normal (more weight mid-trajectory)."""
+        z0 = self.to_model_space(targets)
+        b = z0.shape[0]
+        t = torch.sigmoid(torch.randn(b, generator=generator)).clamp(1e-3, 1.0)
+        eps = torch.randn(z0.shape, generator=generator)
+        tt = t.view(b, *([1] * (z0.dim() - 1)))
+        z_t = (1 - tt) * z0 + tt * eps
+        x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts))
+        return F.mse_loss(x0, z0)
+
+
+class TinyUNetGenerator(MaskedFlowGenerator):
+    """Pixel-space generator: a 7-channel diffusers UNet2DConditionModel (x_t, masked image, mask) with a
+    small CLIPTextModel over a locally trained word-level tokenizer."""
+
+    def __init__(self, unet, text_encoder, tokenizer, image_size: int, max_tokens: int):
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.image_size, self.max_tokens = image_size, max_tokens
+
+    @classmethod
+    def build(cls, cfg: GeneratorConfig, prompts: list[str], image_size: int, seed: int = 0):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        torch.manual_seed(seed)
+        tk = tok.build_tokenizer(prompts, cfg.max_prompt_tokens)
+        n = len(cfg.block_out_channels)
+        unet = UNet2DConditionModel(
+            sample_size=image_size,
+            in_channels=7,
+            out_channels=3,
+            block_out_channels=tuple(cfg.block_out_channels),
+            # no attention at full resolution: it dominates CPU time at 32x32 for little gain
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            layers_per_block=cfg.layers_per_block,
+            cross_attention_dim=cfg.text_hidden,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        text = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tk), hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 2,
+            num_hidden_layers=cfg.text_layers, num_attention_heads=4,
+            max_position_embeddings=cfg.max_prompt_tokens, pad_token_id=tk.pad_token_id,
+            bos_token_id=tk.pad_token_id, eos_token_id=tk.pad_token_id,
+        ))
+        return cls(unet, text, tk, image_size, cfg.max_prompt_tokens)
+
+    def condition(self, images, masks):
+        return torch.cat([images * (1 - masks), masks * 2 - 1], dim=1)
+
+    def encode_text(self, prompts):
+        ids, attn = tok.encode(self.tokenizer, prompts, self.max_tokens)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=attn).last_hidden_state
+        return hidden, attn
+
+    def predict_x0(self, z_t, t, cond, text):
+        hidden, attn = text
+        return self.unet(torch.cat([z_t, cond], dim=1), t * 1000, encoder_hidden_states=hidden,
+                         encoder_attention_mask=attn).sample
+
+    def to_model_space(self, images):
+        return images
+
+    def to_pixels(self, z):
+        return z
+
+    def model_space_shape(self, batch):
+        return (batch, 3, self.image_size, self.image_size)
+
+    def trainable_modules(self):
+        return [self.unet, self.text_encoder]
+
+    def save(self, path):
+        path = Path(path)
+        self.unet.save_pretrained(path / "unet", safe_serialization=True)
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        (path / META).write_text(json.dumps({"kind": "tiny_unet", "image_size": self.image_size,
+                                             "max_tokens": self.max_tokens}))
+
+    @classmethod
+    def load(cls, path):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        path = Path(path)
+        meta = json.loads((path / META).read_text())
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
+        text = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True, local_files_only=True)
+        return cls(unet, text, tok.load_tokenizer(path / "tokenizer"), meta["image_size"], meta["max_tokens"])
+
+
+def load_generator(path: str | Path) -> MaskedFlowGenerator:
+    """Load any generator saved by `save()` from a local folder."""
+    kind = json.loads((Path(path) / META).read_text())["kind"]
+    if kind == "tiny_unet":
+        return TinyUNetGenerator.load(path)
+    from onereward.models.flux import FluxFillGenerator
+
+    return FluxFillGenerator.load(path)

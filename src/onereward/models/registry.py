@@ -1,0 +1,45 @@
+"""Registering generators in the MLflow model registry (pyfunc from code + safetensors weights)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from onereward.data.images import to_png
+
+SERVING_CODE = Path(__file__).resolve().parents[1] / "serving.py"
+PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "safetensors==0.8.0",
+                    "pillow==13.0.0", "onereward==0.1.0"]
+
+
+def example_input(image_size: int):
+    import numpy as np
+    import pandas as pd
+
+    img = np.full((image_size, image_size, 3), 127, np.uint8)
+    mask = np.zeros((image_size, image_size), np.uint8)
+    mask[: image_size // 2] = 255
+    return pd.DataFrame({"image": [base64.b64encode(to_png(img)).decode()],
+                         "mask": [base64.b64encode(to_png(mask)).decode()], "prompt": ["extend"]})
+
+
+def register_generator(model_dir: str | Path, name: str, alias: str, image_size: int,
+                       tags: dict[str, str] | None = None) -> str:
+    """Log the generator folder as a pyfunc under the active run, register it, point `alias` at it."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = example_input(image_size)
+    signature = infer_signature(example, pd.DataFrame({"image": ["..."]}),
+                                params={"steps": 4, "guidance": 1.0, "negative_prompt": "", "seed": 0})
+    info = mlflow.pyfunc.log_model(
+        name="generator", python_model=str(SERVING_CODE), artifacts={"generator": str(model_dir)},
+        signature=signature, pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, alias, version)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, v)
+    return version

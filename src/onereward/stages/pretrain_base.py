@@ -1,0 +1,168 @@
+"""pretrain_base: train the tiny base generator on conditions with known targets (all four tasks), check
+it against trivial baselines on held-out conditions, register it as `onereward-generator@base`.
+
+The flux profile trains nothing here: it registers the external base checkpoint (`generator.base_uri`).
+Training resumes from the last checkpoint (kept under the stage's scratch URI) when killed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import Progress
+
+from onereward import storage, tracking
+from onereward.config import TASKS, Settings
+from onereward.models import data as mdata
+from onereward.models.generator import MaskedFlowGenerator, TinyUNetGenerator, load_generator
+from onereward.models.registry import register_generator
+from onereward.stages import StageContext
+
+
+def load_conditions(art: storage.Artifact, split: str) -> list[dict]:
+    rows = art.read_table().to_pylist()
+    return sorted((r for r in rows if r["split"] == split and r["target"]), key=lambda r: r["condition_id"])
+
+
+def heldout_by_task(rows: list[dict], per_task: int) -> dict[str, list[dict]]:
+    return {t: [r for r in rows if r["task"] == t][:per_task] for t in TASKS}
+
+
+def evaluate_generator(gen: MaskedFlowGenerator, by_task: dict[str, list[dict]], steps: int,
+                       seed: int, grid_rows: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Per task: raw-output background PSNR and in-mask MSE vs target, with the two baselines."""
+    metrics: dict[str, float] = {}
+    grids = {}
+    for task, rows in by_task.items():
+        if not rows:
+            continue
+        b = mdata.batch_from_rows(rows)
+        out = torch.cat([
+            gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
+                       steps=steps, seed=seed + i)
+            for i in range(0, len(rows), 64)
+        ])
+        m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
+        for k, v in m.items():
+            metrics[f"heldout.{task}.{k}"] = float(v.mean())
+        metrics[f"heldout.{task}.n"] = len(rows)
+        metrics[f"heldout.{task}.beats_baselines"] = float(
+            m["mse_mask"].mean() < m["mse_mask_meanfill"].mean()
+            and m["mse_mask"].mean() < m["mse_mask_masked_input"].mean()
+        )
+        n = min(grid_rows, len(rows))
+        grey_mask = b["masks"][:n].expand(-1, 3, -1, -1) * 2 - 1
+        grids[task] = mdata.grid([
+            [b["images"][i] * (1 - b["masks"][i]), grey_mask[i], out[i], b["targets"][i]] for i in range(n)
+        ])
+    return metrics, grids
+
+
+def _save_checkpoint(uri: str, gen, opt, step: int, rng: torch.Generator) -> None:
+    with storage.writing(uri, key=f"step-{step}", meta={"step": step}) as w:
+        gen.save(w.dir / "model")
+        torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path("state.pt"))
+
+
+def _load_checkpoint(uri: str, lr: float):
+    art = storage.Artifact(uri)
+    if not art.exists():
+        return None
+    local = art.local_dir()
+    gen = load_generator(local / "model")
+    opt = torch.optim.AdamW(list(gen.parameters()), lr=lr)
+    state = torch.load(local / "state.pt", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    rng = torch.Generator()
+    rng.set_state(state["rng"])
+    return gen, opt, rng, int(state["step"])
+
+
+def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
+    s: Settings = ctx.settings
+    p = s.pretrain
+    ckpt_uri = storage.join(ctx.scratch_uri, "checkpoint")
+    resumed = _load_checkpoint(ckpt_uri, p.lr)
+    if resumed:
+        gen, opt, rng, start = resumed
+        print(f"pretrain_base: resuming from checkpoint at step {start} ({ckpt_uri})")
+    else:
+        gen = TinyUNetGenerator.build(s.generator, all_prompts, s.image_size, s.seed)
+        opt = torch.optim.AdamW(list(gen.parameters()), lr=p.lr)
+        rng, start = torch.Generator().manual_seed(s.seed), 0
+    tracking.log_metrics({"resumed_from_step": start})
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + np.cos(np.pi * min((i + start) / p.steps, 1.0))))
+    data = mdata.batch_from_rows(train_rows)
+    gen.train(True)
+    t0 = time.perf_counter()
+    with Progress(transient=False) as bar:
+        task = bar.add_task("pretrain_base", total=p.steps, completed=start)
+        for step in range(start, p.steps):
+            idx = torch.randint(0, len(train_rows), (p.batch_size,), generator=rng)
+            # 10% empty prompts teach the unconditional prediction that true CFG needs.
+            prompts = ["" if torch.rand(1, generator=rng).item() < 0.1 else data["prompts"][i] for i in idx]
+            loss = gen.training_loss(data["targets"][idx], data["images"][idx], data["masks"][idx], prompts, rng)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(gen.parameters()), 1.0)
+            opt.step()
+            sched.step()
+            bar.advance(task)
+            if step % 10 == 0 or step == p.steps - 1:
+                tracking.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
+            if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+                _save_checkpoint(ckpt_uri, gen, opt, step + 1, rng)
+    tracking.log_metrics({"train_seconds": time.perf_counter() - t0,
+                          "seconds_per_step": (time.perf_counter() - t0) / max(p.steps - start, 1)})
+    return gen
+
+
+def _register_external(ctx: StageContext) -> dict[str, float]:
+    s = ctx.settings
+    if not s.generator.base_uri:
+        raise ValueError("generator.base_uri: the flux profile needs the URI of a FLUX.1 Fill checkpoint")
+    out = ctx.outputs["base_model"]
+    from onereward.models.flux import write_pointer
+
+    write_pointer(out.dir / "model", s.generator)
+    register_generator(out.dir / "model", s.tracking.generator_model_name, "base", s.image_size,
+                       {"source": s.generator.base_uri})
+    return {"registered_external": 1.0}
+
+
+def pretrain_base(ctx: StageContext) -> dict[str, float]:
+    s = ctx.settings
+    if s.generator.kind != "tiny_unet":
+        return _register_external(ctx)
+    if s.pretrain.threads:
+        torch.set_num_threads(s.pretrain.threads)
+    conditions = ctx.inputs["conditions"]
+    train_rows = load_conditions(conditions, "train")
+    heldout = heldout_by_task(load_conditions(conditions, "heldout"), s.pretrain.eval_conditions)
+    if not train_rows:
+        raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
+    prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
+    gen = train(ctx, train_rows, [*prompts, s.candidates.negative_prompt])
+
+    metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
+    out = ctx.outputs["base_model"]
+    gen.save(out.dir / "model")
+    out.write_json("heldout_metrics.json", metrics)
+    for task, arr in grids.items():
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.write_bytes(f"samples/{task}.png", buf.getvalue())
+        tracking.log_image(arr, f"samples/{task}.png")
+    version = register_generator(out.dir / "model", s.tracking.generator_model_name, "base", s.image_size,
+                                 {"artifact_key": ctx.key})
+    out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
+                                     "alias": "base"})
+    storage.delete_tree(ctx.scratch_uri)  # checkpoints are only for resuming this very run
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+    return {**metrics, "registered_version": float(version)}
