@@ -262,3 +262,20 @@ def clean_stale_staging(uri: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         for p in final.parent.glob(f".trash-{final.name}-*"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def download_prefix(uri: str, dest: Path) -> Path:
+    """Copy every file under a local folder or S3 prefix into dest (once; a marker says it is whole)."""
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    fs, path = resolve(uri)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(dest.parent)))
+    for rel in list_files(uri):
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(f"{path}/{rel}", str(target), source_filesystem=fs)
+    (tmp / ".complete").write_text(uri)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest

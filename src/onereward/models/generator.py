@@ -55,8 +55,20 @@ class MaskedFlowGenerator(ABC):
 
     # --- shared flow-matching logic -----------------------------------------------------------
     def parameters(self):
+        """Trainable parameters only (frozen base weights under a LoRA adapter are left out)."""
         for m in self.trainable_modules():
-            yield from m.parameters()
+            yield from (p for p in m.parameters() if p.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trainable_modules()[0].parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.trainable_modules()[0].parameters()).dtype
+
+    def _place(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(self.device, self.dtype) for t in tensors]
 
     def train(self, mode: bool = True) -> MaskedFlowGenerator:
         for m in self.trainable_modules():
@@ -85,11 +97,11 @@ class MaskedFlowGenerator(ABC):
         return torch.stack([
             torch.randn(self.model_space_shape(1)[1:], generator=torch.Generator().manual_seed(int(s)))
             for s in seeds
-        ])
+        ]).to(self.device, self.dtype)
 
     def _run(self, z, cond, pos, neg, guidance, ts: torch.Tensor) -> torch.Tensor:
         for i in range(len(ts) - 1):
-            t, t_next = ts[i], ts[i + 1]
+            t, t_next = ts[i].to(z.device, z.dtype), ts[i + 1].to(z.device, z.dtype)
             x0 = self.guided_x0(z, t.expand(z.shape[0]), cond, pos, neg, guidance)
             z = x0 + (t_next / t) * (z - x0)
         return z
@@ -108,6 +120,7 @@ class MaskedFlowGenerator(ABC):
     ) -> torch.Tensor:
         """Full denoising from noise; returns images in [-1, 1]."""
         self.train(False)
+        images, masks = self._place(images, masks)
         cond = self.condition(images, masks)
         pos, neg = self._texts(prompts, guidance, negative_prompt)
         z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, self.schedule(steps))
@@ -130,20 +143,23 @@ class MaskedFlowGenerator(ABC):
         if not 0 <= stop_step < steps:
             raise ValueError(f"stop_step must be in [0, {steps}), got {stop_step}")
         ts = self.schedule(steps)
+        images, masks = self._place(images, masks)
         cond = self.condition(images, masks)
         pos, neg = self._texts(prompts, guidance, negative_prompt)
         with torch.no_grad():
             z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, ts[: stop_step + 1])
-        t = ts[stop_step].expand(z.shape[0])
+        t = ts[stop_step].to(z.device, z.dtype).expand(z.shape[0])
         x0 = self.guided_x0(z.detach(), t, cond, pos, neg, guidance)
         return self.to_pixels(x0).clamp(-1, 1)
 
     def training_loss(self, targets, images, masks, prompts, generator: torch.Generator) -> torch.Tensor:
         """Rectified-flow loss with x0-prediction; t from a logit-normal (more weight mid-trajectory)."""
-        z0 = self.to_model_space(targets)
+        targets, images, masks = self._place(targets, images, masks)
+        with torch.no_grad():
+            z0 = self.to_model_space(targets)
         b = z0.shape[0]
-        t = torch.sigmoid(torch.randn(b, generator=generator)).clamp(1e-3, 1.0)
-        eps = torch.randn(z0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(b, generator=generator)).clamp(1e-3, 1.0).to(z0.device, z0.dtype)
+        eps = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
         tt = t.view(b, *([1] * (z0.dim() - 1)))
         z_t = (1 - tt) * z0 + tt * eps
         x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts))

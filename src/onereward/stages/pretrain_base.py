@@ -114,6 +114,8 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
             opt.step()
             sched.step()
             bar.advance(task)
+            if not bar.console.is_terminal and step % 50 == 0:  # plain progress lines for pod/task logs
+                print(f"pretrain_base: step {step}/{p.steps} loss {loss.item():.4f}", flush=True)
             if step % 10 == 0 or step == p.steps - 1:
                 tracking.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
             if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:

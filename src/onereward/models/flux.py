@@ -1,0 +1,157 @@
+"""FLUX.1 Fill [dev] behind the generator interface: FluxFillPipeline components, latent-space flow.
+
+The production base is loaded from a URI (local folder or s3:// prefix laid out like the FluxFill
+repository, i.e. what `FluxFillPipeline.save_pretrained` writes) in bf16, optionally with a LoRA adapter
+(peft) on the transformer's attention projections. `build_toy` makes the same classes at toy width so the
+wiring is tested on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from onereward import storage
+from onereward.config import GeneratorConfig
+from onereward.models.generator import META, MaskedFlowGenerator
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def write_pointer(path: Path, cfg: GeneratorConfig) -> None:
+    """A generator folder that names an external base instead of holding its weights."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / META).write_text(json.dumps({"kind": "flux_fill", "base_uri": cfg.base_uri, "dtype": cfg.dtype,
+                                         "lora_rank": cfg.lora_rank}))
+
+
+class FluxFillGenerator(MaskedFlowGenerator):
+    def __init__(self, pipe, image_size: int, guidance_embed: float = 30.0, max_sequence_length: int = 512):
+        from diffusers import FluxFillPipeline
+
+        self.pipe = pipe
+        self.image_size = image_size
+        self.guidance_embed = guidance_embed  # FLUX dev's distilled guidance input, not true CFG
+        self.max_sequence_length = max_sequence_length
+        self.vsf = pipe.vae_scale_factor
+        self.latent_hw = 2 * (image_size // (self.vsf * 2))
+        self._pack = FluxFillPipeline._pack_latents
+        self._unpack = FluxFillPipeline._unpack_latents
+        self.img_ids = FluxFillPipeline._prepare_latent_image_ids(
+            1, self.latent_hw // 2, self.latent_hw // 2, "cpu", torch.float32)
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build_toy(cls, image_size: int = 32, prompts: tuple[str, ...] = ("fill red circle", "extend"),
+                  seed: int = 0) -> FluxFillGenerator:
+        """Randomly initialised FluxFill-shaped components at toy width (CPU wiring tests)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        from onereward.models.tokenizer import build_tokenizer
+
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=4, sample_size=image_size, shift_factor=0.1159, scaling_factor=0.3611,
+            use_quant_conv=False, use_post_quant_conv=False,
+        )
+        vsf = 2 ** (len(vae.config.block_out_channels) - 1)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64 + 64 + 4 * vsf * vsf, out_channels=64, num_layers=1,
+            num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )
+        tk = build_tokenizer(prompts, 8)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tk), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
+                                            projection_dim=32))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tk), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+        pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+                                tokenizer=tk, text_encoder_2=t5, tokenizer_2=tk, transformer=transformer)
+        return cls(pipe, image_size, max_sequence_length=8)
+
+    @classmethod
+    def from_pretrained(cls, uri: str, image_size: int, dtype: str = "bfloat16", lora_rank: int = 0,
+                        device: str | None = None) -> FluxFillGenerator:
+        """Load a FluxFill checkpoint from a local folder or an s3:// prefix (downloaded once, by URI)."""
+        from diffusers import FluxFillPipeline
+
+        from onereward.config import home_dir
+
+        local = Path(uri)
+        if storage.is_s3(uri):
+            local = storage.download_prefix(uri, home_dir() / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16])
+        torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        pipe = FluxFillPipeline.from_pretrained(str(local), dtype=torch_dtype, local_files_only=True)
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            m.requires_grad_(False)
+        if lora_rank:
+            from peft import LoraConfig
+
+            pipe.transformer.requires_grad_(False)
+            pipe.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
+        meta = local / META
+        mseq = json.loads(meta.read_text()).get("max_sequence_length", 512) if meta.exists() else 512
+        return cls(pipe, image_size, max_sequence_length=mseq)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FluxFillGenerator:
+        meta = json.loads((Path(path) / META).read_text())
+        src = meta.get("base_uri") or str(path)
+        return cls.from_pretrained(src, meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
+                                   meta.get("lora_rank", 0))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.pipe.save_pretrained(str(path), safe_serialization=True)
+        (path / META).write_text(json.dumps({"kind": "flux_fill", "image_size": self.image_size,
+                                             "dtype": str(self.dtype).removeprefix("torch."),
+                                             "max_sequence_length": self.max_sequence_length}))
+
+    # --- the generator interface -------------------------------------------------------------------
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        lat = vae.encode(images.to(vae.dtype)).latent_dist.mean
+        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+        return self._pack(lat, lat.shape[0], lat.shape[1], lat.shape[2], lat.shape[3])
+
+    def condition(self, images, masks):
+        b, h = images.shape[0], self.latent_hw
+        masked = self._latents(images * (1 - masks))
+        m = masks[:, 0].view(b, h, self.vsf, h, self.vsf).permute(0, 2, 4, 1, 3).reshape(b, self.vsf**2, h, h)
+        return torch.cat([masked, self._pack(m, b, self.vsf**2, h, h).to(masked.dtype)], dim=-1)
+
+    def encode_text(self, prompts):
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=prompts, device=self.device, max_sequence_length=self.max_sequence_length)
+        return embeds, pooled, text_ids
+
+    def predict_x0(self, z_t, t, cond, text):
+        embeds, pooled, text_ids = text
+        tr = self.pipe.transformer
+        v = tr(hidden_states=torch.cat([z_t, cond], dim=-1).to(tr.dtype), timestep=t.to(tr.dtype),
+               guidance=torch.full_like(t, self.guidance_embed, dtype=tr.dtype) if tr.config.guidance_embeds
+               else None, pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+               img_ids=self.img_ids.to(z_t.device, tr.dtype), return_dict=False)[0]
+        return (z_t - t.view(-1, 1, 1) * v).to(z_t.dtype)  # FLUX predicts v = eps - x0
+
+    def to_model_space(self, images):
+        return self._latents(images)
+
+    def to_pixels(self, z):
+        vae = self.pipe.vae
+        lat = self._unpack(z, self.image_size, self.image_size, self.vsf)
+        lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+
+    def model_space_shape(self, batch):
+        return (batch, (self.latent_hw // 2) ** 2, 64)
+
+    def trainable_modules(self):
+        return [self.pipe.transformer]
