@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 TASKS = ("fill", "extend", "removal", "text")
 Task = Literal["fill", "extend", "removal", "text"]
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(os.environ.get("ONEREWARD_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
 
 
 class ConfigError(ValueError):
