@@ -11,13 +11,17 @@ import time
 from onereward.config import ConfigError, load_config
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
+def _pairs(values: list[list[str]], flag: str) -> dict[str, str]:
+    """`--in NAME=URI` (people) or `--in NAME URI` (orchestrator placeholders, no string concat)."""
     out = {}
     for v in values:
-        if "=" not in v:
-            raise SystemExit(f"{flag} {v!r}: expected NAME=URI")
-        k, u = v.split("=", 1)
-        out[k] = u
+        if len(v) == 2:
+            out[v[0]] = v[1]
+        elif len(v) == 1 and "=" in v[0]:
+            k, u = v[0].split("=", 1)
+            out[k] = u
+        else:
+            raise SystemExit(f"{flag} {' '.join(v)!r}: expected NAME=URI or NAME URI")
     return out
 
 
@@ -69,7 +73,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from onereward.pipeline import GRAPH
     from onereward.runner import execute_stage
 
-    settings = load_config(args.config, args.set)
+    settings = load_config(args.config, [*json.loads(args.set_json or "[]"), *args.set])
     stage = GRAPH.get(args.name)
     outcome = execute_stage(stage, settings, _pairs(args.inputs, "--in"), _pairs(args.outputs, "--out"),
                             force=args.force)
@@ -95,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stage", help="run one stage from input URIs to output URIs (container entrypoint)")
     s.add_argument("name")
-    s.add_argument("--in", dest="inputs", action="append", default=[], metavar="NAME=URI")
-    s.add_argument("--out", dest="outputs", action="append", default=[], metavar="NAME=URI")
+    s.add_argument("--in", dest="inputs", action="append", default=[], nargs="+", metavar="NAME=URI")
+    s.add_argument("--out", dest="outputs", action="append", default=[], nargs="+", metavar="NAME=URI")
     s.add_argument("--config", default="tiny", help="profile name or YAML path")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    s.add_argument("--set-json", help="config overrides as a JSON list of KEY=VALUE (orchestrator parameter)")
     s.add_argument("--force", action="store_true", help="rerun even if the outputs are cached")
     s.add_argument("--metrics-file", help="also write the stage metrics as JSON here")
     s.set_defaults(func=cmd_stage)
