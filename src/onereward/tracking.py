@@ -75,7 +75,8 @@ def pipeline_run(experiment: str, name: str, tags: dict[str, str] | None = None)
     import mlflow
 
     exp_id = setup(experiment)
-    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags={"git_commit": git_commit(), **(tags or {})}) as run:
+    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags) as run:
         yield run
 
 

@@ -152,8 +152,14 @@ class MaskedFlowGenerator(ABC):
         x0 = self.guided_x0(z.detach(), t, cond, pos, neg, guidance)
         return self.to_pixels(x0).clamp(-1, 1)
 
-    def training_loss(self, targets, images, masks, prompts, generator: torch.Generator) -> torch.Tensor:
-        """Rectified-flow loss with x0-prediction; t from a logit-normal (more weight mid-trajectory)."""
+    def region_weights(self, masks: torch.Tensor, mask_weight: float) -> torch.Tensor | None:
+        """Per-element loss weights in model space, or None for a uniform loss."""
+        return None
+
+    def training_loss(self, targets, images, masks, prompts, generator: torch.Generator,
+                      mask_weight: float = 1.0) -> torch.Tensor:
+        """Rectified-flow loss with x0-prediction; t from a logit-normal (more weight mid-trajectory).
+        `mask_weight` > 1 spends more of the loss on the region to generate than on the region to keep."""
         targets, images, masks = self._place(targets, images, masks)
         with torch.no_grad():
             z0 = self.to_model_space(targets)
@@ -163,7 +169,10 @@ class MaskedFlowGenerator(ABC):
         tt = t.view(b, *([1] * (z0.dim() - 1)))
         z_t = (1 - tt) * z0 + tt * eps
         x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts))
-        return F.mse_loss(x0, z0)
+        weights = self.region_weights(masks, mask_weight) if mask_weight != 1.0 else None
+        if weights is None:
+            return F.mse_loss(x0, z0)
+        return (weights * (x0 - z0) ** 2).sum() / (weights.sum() * x0.shape[1])
 
 
 class TinyUNetGenerator(MaskedFlowGenerator):
@@ -221,6 +230,9 @@ class TinyUNetGenerator(MaskedFlowGenerator):
 
     def to_pixels(self, z):
         return z
+
+    def region_weights(self, masks, mask_weight):
+        return 1 + (mask_weight - 1) * masks
 
     def model_space_shape(self, batch):
         return (batch, 3, self.image_size, self.image_size)

@@ -107,7 +107,8 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
             idx = torch.randint(0, len(train_rows), (p.batch_size,), generator=rng)
             # 10% empty prompts teach the unconditional prediction that true CFG needs.
             prompts = ["" if torch.rand(1, generator=rng).item() < 0.1 else data["prompts"][i] for i in idx]
-            loss = gen.training_loss(data["targets"][idx], data["images"][idx], data["masks"][idx], prompts, rng)
+            loss = gen.training_loss(data["targets"][idx], data["images"][idx], data["masks"][idx], prompts, rng,
+                                     mask_weight=p.mask_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(gen.parameters()), 1.0)
