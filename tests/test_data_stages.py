@@ -187,3 +187,23 @@ def test_sigkill_mid_write_leaves_nothing_and_rerun_completes(home, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
     assert storage.Artifact(str(out)).exists()
     assert not list(tmp_path.glob(".staging-curated-*"))
+
+
+def test_cli_run_prints_locations_and_reports_cached(home, capsys, tmp_path):
+    from onereward.cli import main
+
+    args = ["run", "--until", "synthesize_masks", "--set", "curate.sources=[{kind: procedural, count: 24}]",
+            "--set", "masks.mix_tolerance=0.3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "ran 2 stage(s), cached 0" in first and "synthesize_masks.conditions:" in first
+    assert f"sqlite:///{home}/mlflow.db" in first
+    assert main(args) == 0
+    assert "ran 0 stage(s), cached 2: curate, synthesize_masks" in capsys.readouterr().out
+    assert main(["run", "--set", "pretrain.stepz=1"]) == 2  # config errors exit 2 with the key path
+    assert "pretrain.stepz" in capsys.readouterr().err
+
+    out_file = tmp_path / "xcom" / "return.json"
+    assert main(["stage", "curate", "--out", "curated", str(tmp_path / "c"), "--outputs-file", str(out_file),
+                 "--set", "curate.sources=[{kind: procedural, count: 24}]"]) == 0
+    assert json.loads(out_file.read_text()) == {"curated": str(tmp_path / "c")}

@@ -79,10 +79,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
                             force=args.force)
     print(json.dumps({"stage": outcome.stage, "status": outcome.status, "key": outcome.key,
                       "outputs": outcome.outputs, "metrics": outcome.metrics}))
-    if args.metrics_file:  # KFP writes small outputs through files
-        os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
-        with open(args.metrics_file, "w") as f:
-            json.dump(outcome.metrics, f)
+    for path, obj in ((args.metrics_file, outcome.metrics), (args.outputs_file, outcome.outputs)):
+        if path:  # orchestrators read small results from files (e.g. /airflow/xcom/return.json)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(obj, f)
     return 0
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set-json", help="config overrides as a JSON list of KEY=VALUE (orchestrator parameter)")
     s.add_argument("--force", action="store_true", help="rerun even if the outputs are cached")
     s.add_argument("--metrics-file", help="also write the stage metrics as JSON here")
+    s.add_argument("--outputs-file", help="also write {output name: URI} as JSON here")
     s.set_defaults(func=cmd_stage)
 
     g = sub.add_parser("graph", help="print the stages and their artifacts")

@@ -52,7 +52,8 @@ def _pod_operator(stage: Stage, graph: Graph, config: str, overrides: list[str],
     from onereward.config import load_config
 
     res = load_config(config, overrides).resources
-    args = ["stage", stage.name, "--config", config, "--set-json", json.dumps(overrides)]
+    args = ["stage", stage.name, "--config", config, "--set-json", json.dumps(overrides),
+            "--outputs-file", "/airflow/xcom/return.json"]
     for name in stage.inputs:
         up = graph.producer(name).name
         args += ["--in", f"{name}={{{{ ti.xcom_pull(task_ids='{up}')['{name}'] }}}}"]
@@ -90,7 +91,7 @@ def _pod_operator(stage: Stage, graph: Graph, config: str, overrides: list[str],
         # in-cluster credentials unless a kubeconfig is named (Airflow outside the cluster, tests)
         in_cluster=not os.environ.get("KUBECONFIG"),
         config_file=os.environ.get("KUBECONFIG"),
-        do_xcom_push=True,  # the entrypoint's JSON line is written to /airflow/xcom/return.json
+        do_xcom_push=True,  # --outputs-file: {output name: URI} for the downstream tasks' templates
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
         retries=stage.retries,
