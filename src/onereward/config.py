@@ -101,7 +101,7 @@ class PretrainConfig(Strict):
     steps: int = Field(600, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
-    mask_loss_weight: float = Field(3.0, ge=1)  # loss weight inside the mask relative to outside
+    mask_loss_weight: float = Field(2.0, ge=1)  # loss weight inside the mask relative to outside
     checkpoint_every: int = Field(100, ge=1)
     eval_conditions: int = Field(50, ge=1)  # held-out conditions per task for the baseline check
     eval_steps: int = Field(4, ge=1)
