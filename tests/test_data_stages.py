@@ -207,3 +207,17 @@ def test_cli_run_prints_locations_and_reports_cached(home, capsys, tmp_path):
     assert main(["stage", "curate", "--out", "curated", str(tmp_path / "c"), "--outputs-file", str(out_file),
                  "--set", "curate.sources=[{kind: procedural, count: 24}]"]) == 0
     assert json.loads(out_file.read_text()) == {"curated": str(tmp_path / "c")}
+
+
+def test_folder_photos_without_objects_get_the_other_tasks(small_settings, tmp_path):
+    """No exact object masks in plain photos: removal rows are impossible, the mix check adapts."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(12):
+        (d / f"p{i}.png").write_bytes(_png((40 + i, 48), seed=100 + i))
+    s = small_settings(f"curate.sources=[{{kind: folder, path: '{d}'}}]", "masks.mix_tolerance=0.2")
+    cur, cond = str(tmp_path / "cur"), str(tmp_path / "cond")
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": cur})
+    execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": cur}, {"conditions": cond})
+    tasks = storage.Artifact(cond).read_table().column("task").to_pylist()
+    assert "removal" not in tasks and set(tasks) <= {"fill", "extend", "text"} and len(tasks) > 12

@@ -83,6 +83,7 @@ def cjk_font_path() -> str | None:
     return next((p for p in CJK_FONTS if Path(p).exists()), None)
 
 
+@functools.cache
 def font(size: int, cjk: bool = False) -> ImageFont.FreeTypeFont:
     path = cjk_font_path() if cjk else None
     return ImageFont.truetype(path or str(LATIN_FONT), size)

@@ -119,13 +119,18 @@ def conditions_suite(tasks: list[str], coverage: dict[str, tuple[float, float]])
 
 
 def task_mix_frame(tasks: pd.Series, mix: dict[str, float], tolerance: float) -> pd.DataFrame:
+    """Observed share per task and its allowed band: the configured tolerance, widened to three binomial
+    standard deviations when there are too few rows for the tolerance to be meaningful."""
     total = sum(mix.values())
     shares = tasks.value_counts(normalize=True)
-    return pd.DataFrame([
-        {"task": t, "share": float(shares.get(t, 0.0)),
-         "low": max(0.0, w / total - tolerance), "high": min(1.0, w / total + tolerance)}
-        for t, w in mix.items()
-    ])
+    n = max(len(tasks), 1)
+    rows = []
+    for t, w in mix.items():
+        p = w / total
+        band = max(tolerance, 3 * (p * (1 - p) / n) ** 0.5)
+        rows.append({"task": t, "share": float(shares.get(t, 0.0)), "low": max(0.0, p - band),
+                     "high": min(1.0, p + band)})
+    return pd.DataFrame(rows)
 
 
 TASK_MIX_SUITE = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections import Counter
 
@@ -163,7 +164,7 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
         made, sk = conditions_for(r, s)
         rows.extend(made)
         skipped.update(sk)
-    validate_conditions(rows, s)
+    validate_conditions(rows, s, expected_mix(curated_rows, s))
     for i in range(0, len(rows), s.curate.shard_rows):
         ctx.outputs["conditions"].write_table(schema.table(rows[i : i + s.curate.shard_rows], schema.CONDITIONS))
     counts = Counter((r["task"], r["split"]) for r in rows)
@@ -176,7 +177,20 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
             **{f"skipped.{k}": v for k, v in skipped.items()}}
 
 
-def validate_conditions(rows: list[dict], s: Settings) -> None:
+def expected_mix(curated_rows: list[dict], s: Settings) -> dict[str, float]:
+    """The task shares the configured mix gives on these images: removal needs an exact object mask, so
+    on images without one the other tasks share its weight."""
+    mix = {t: w for t, w in s.masks.task_mix.items() if w > 0}
+    totals = dict.fromkeys(mix, 0.0)
+    for r in curated_rows:
+        eligible = {t: w for t, w in mix.items() if t != "removal" or r["object_mask"]}
+        norm = sum(eligible.values())
+        for t, w in eligible.items():
+            totals[t] += w / norm
+    return {t: v / max(len(curated_rows), 1) for t, v in totals.items()}
+
+
+def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | None = None) -> None:
     cfg = s.masks
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("image", "mask", "target")} for r in rows])
     if df.empty:
@@ -186,13 +200,15 @@ def validate_conditions(rows: list[dict], s: Settings) -> None:
     df["decodable"] = [_decodes(r) for r in rows]
     tasks = [t for t in TASKS if cfg.task_mix.get(t, 0) > 0]
     validation.validate("conditions", df, validation.conditions_suite(tasks, cfg.coverage), "condition_id")
-    mix = validation.task_mix_frame(df["task"], {t: cfg.task_mix[t] for t in tasks}, cfg.mix_tolerance)
-    validation.validate("task_mix", mix, validation.TASK_MIX_SUITE, "task")
+    target = mix or {t: cfg.task_mix[t] for t in tasks}
+    shares = validation.task_mix_frame(df["task"], target, cfg.mix_tolerance)
+    validation.validate("task_mix", shares, validation.TASK_MIX_SUITE, "task")
 
 
 def _decodes(r: dict) -> bool:
+    """Mask and target decode at the input's size (the input image itself passed the curated suite)."""
     try:
-        size = from_png(r["image"]).shape[:2]
+        size = Image.open(io.BytesIO(r["image"])).size[::-1]
         ok = from_png(r["mask"], "L").shape == size
         return ok and (r["target"] is None or from_png(r["target"]).shape[:2] == size)
     except Exception:
