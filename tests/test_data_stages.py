@@ -221,3 +221,17 @@ def test_folder_photos_without_objects_get_the_other_tasks(small_settings, tmp_p
     execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": cur}, {"conditions": cond})
     tasks = storage.Artifact(cond).read_table().column("task").to_pylist()
     assert "removal" not in tasks and set(tasks) <= {"fill", "extend", "text"} and len(tasks) > 12
+
+
+def test_new_files_in_a_folder_source_are_not_served_from_cache(small_settings, tmp_path):
+    d = tmp_path / "incoming"
+    d.mkdir()
+    for i in range(3):
+        (d / f"a{i}.png").write_bytes(_png((48, 48), seed=200 + i))
+    s = small_settings(f"curate.sources=[{{kind: folder, path: '{d}'}}]")
+    first = run_pipeline(s, until="curate").outcomes[0]
+    assert run_pipeline(s, until="curate").outcomes[0].status == "cached"
+    (d / "a9.png").write_bytes(_png((48, 48), seed=299))
+    again = run_pipeline(s, until="curate").outcomes[0]
+    assert again.status == "done" and again.key != first.key
+    assert storage.Artifact(again.outputs["curated"]).read_json("report.json")["kept"] == 4

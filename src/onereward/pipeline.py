@@ -40,10 +40,20 @@ class Stage:
     retries: int = 2
     version: str = "1"  # bump when the stage's logic changes its outputs
     description: str = ""
+    # "module:function" of Settings -> JSON-able fingerprint of external inputs (e.g. a source folder's
+    # listing), so that new data under an unchanged configuration is not mistaken for cached work
+    fingerprint: str | None = None
 
     def load(self) -> Callable[..., Any]:
-        module, _, attr = self.func.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _import(self.func)
+
+    def external_fingerprint(self, settings: Any) -> Any:
+        return _import(self.fingerprint)(settings) if self.fingerprint else None
+
+
+def _import(ref: str) -> Callable[..., Any]:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 GPU = Resources(cpu="8", memory="64Gi", gpu=1, shm="16Gi")
@@ -101,7 +111,8 @@ def _pending(name: str) -> str:
 GRAPH = Graph((
     Stage("curate", "onereward.stages.curate:curate", (), (Output("curated"),),
           ("image_size", "seed", "curate"),
-          description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards"),
+          description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards",
+          fingerprint="onereward.stages.curate:source_fingerprint"),
     Stage("synthesize_masks", "onereward.stages.synthesize_masks:synthesize_masks", ("curated",),
           (Output("conditions"),), ("image_size", "seed", "masks"),
           description="fill / extend / removal / text conditions with masks, prompts, targets"),

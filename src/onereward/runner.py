@@ -39,7 +39,11 @@ def stage_params(stage: Stage, settings: Settings) -> dict[str, Any]:
 
 
 def stage_key(stage: Stage, settings: Settings, input_keys: dict[str, str]) -> str:
-    return storage.artifact_key(stage.name, stage.version, stage_params(stage, settings), input_keys)
+    params = stage_params(stage, settings)
+    external = stage.external_fingerprint(settings)
+    if external is not None:
+        params = {**params, "_external": external}
+    return storage.artifact_key(stage.name, stage.version, params, input_keys)
 
 
 def execute_stage(

@@ -68,6 +68,24 @@ def iter_sources(s: Settings) -> Iterator[Item]:
             yield from _manifest(src)
 
 
+def source_fingerprint(s: Settings) -> list:
+    """What the folder and manifest sources hold now (names, sizes, mtimes), hashed into the cache key."""
+    import hashlib
+
+    out = []
+    for src in s.curate.sources:
+        if isinstance(src, FolderSource):
+            root = Path(src.path)
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+            listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+            out.append(["folder", src.path, hashlib.sha256(listing.encode()).hexdigest()[:16]])
+        elif isinstance(src, ManifestSource):
+            # the manifest's own bytes: a new manifest (new URIs) is new data
+            data = storage.read_bytes(src.uri) if storage.exists(src.uri) else b""
+            out.append(["manifest", src.uri, hashlib.sha256(data).hexdigest()[:16]])
+    return out
+
+
 def source_count(s: Settings) -> int | None:
     if all(isinstance(src, ProceduralSource) for src in s.curate.sources):
         return sum(src.count for src in s.curate.sources)  # type: ignore[union-attr]
