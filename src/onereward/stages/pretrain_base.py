@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 
 import numpy as np
@@ -97,7 +98,8 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
         rng, start = torch.Generator().manual_seed(s.seed), 0
     tracking.log_metrics({"resumed_from_step": start})
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + np.cos(np.pi * min((i + start) / p.steps, 1.0))))
+        # math, not numpy: the lr lands in the optimizer state, which torch.load(weights_only=True) reads back
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min((i + start) / p.steps, 1.0))))
     data = mdata.batch_from_rows(train_rows)
     gen.train(True)
     t0 = time.perf_counter()
