@@ -20,7 +20,7 @@ NEW_DATA_ASSET = "s3://onereward-data/manifests/images.parquet"
 
 def _stage_callable(stage_name: str, upstream: list[str], config: str, overrides: list[str]):
     def run(**context: Any) -> dict[str, str]:
-        from airflow.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
         from onereward.config import load_config
         from onereward.orchestration.entry import run_stage
