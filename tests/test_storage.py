@@ -1,3 +1,5 @@
+import json
+
 import pyarrow as pa
 import pytest
 
@@ -15,6 +17,8 @@ def _roundtrip(uri: str):
     assert art.exists() and art.key == "k1" and art.manifest["rows"] == {"data": 6}
     assert art.read_table().column("a").to_pylist() == [1, 2, 3, 1, 2, 3]
     assert art.read_json("report.json") == {"ok": True}
+    local = art.local_dir()  # S3 artifacts are downloaded once into the cache
+    assert json.loads((local / "report.json").read_text()) == {"ok": True} and (local / "_MANIFEST.json").exists()
 
 
 def _aborted(uri: str):

@@ -156,17 +156,7 @@ class Artifact:
             return Path(resolve(self.uri)[1])
         from onereward.config import home_dir
 
-        dest = home_dir() / "cache" / self.key
-        if not (dest / MANIFEST).exists():
-            tmp = Path(tempfile.mkdtemp(dir=_ensure(home_dir() / "cache")))
-            fs, path = resolve(self.uri)
-            for rel in list_files(self.uri):
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(f"{path}/{rel}", str(target), source_filesystem=fs)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-        return dest
+        return download_prefix(self.uri, home_dir() / "cache" / self.key)
 
 
 def _ensure(p: Path) -> Path:

@@ -13,6 +13,7 @@ import os
 from datetime import datetime, timedelta
 from typing import Any
 
+from onereward.config import Settings
 from onereward.pipeline import GRAPH, Graph, Stage
 
 NEW_DATA_ASSET = "s3://onereward-data/manifests/images.parquet"
@@ -44,21 +45,20 @@ def _stage_callable(stage_name: str, upstream: list[str], config: str, overrides
     return run
 
 
-def _pod_operator(stage: Stage, graph: Graph, config: str, overrides: list[str], image: str,
+def _pod_operator(stage: Stage, graph: Graph, settings: Settings, config: str, overrides: list[str], image: str,
                   gpu_image: str, namespace: str):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
-    from onereward.config import load_config
-
-    res = load_config(config, overrides).resources
+    res = settings.resources
+    root = settings.resolved_artifact_root()
     args = ["stage", stage.name, "--config", config, "--set-json", json.dumps(overrides),
             "--outputs-file", "/airflow/xcom/return.json"]
     for name in stage.inputs:
         up = graph.producer(name).name
         args += ["--in", f"{name}={{{{ ti.xcom_pull(task_ids='{up}')['{name}'] }}}}"]
     for o in stage.outputs:  # per-run prefix under the artifact root; keys make reruns idempotent
-        args += ["--out", f"{o.name}={{{{ var.value.get('onereward_artifact_root', '{_root(config, overrides)}') }}}}"
+        args += ["--out", f"{o.name}={{{{ var.value.get('onereward_artifact_root', '{root}') }}}}"
                  f"/{{{{ run_id | replace(':', '_') | replace('+', '_') }}}}/{stage.name}/{o.name}"]
     gpu = stage.resources.gpu
     resources = k8s.V1ResourceRequirements(
@@ -98,21 +98,18 @@ def _pod_operator(stage: Stage, graph: Graph, config: str, overrides: list[str],
     )
 
 
-def _root(config: str, overrides: list[str]) -> str:
-    from onereward.config import load_config
-
-    return load_config(config, overrides).resolved_artifact_root()
-
-
 def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mode: str | None = None,
               config: str | None = None, overrides: list[str] | None = None, schedule: str | None = None):
     from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    from onereward.config import load_config
 
     mode = mode or os.environ.get("ONEREWARD_DAG_MODE", "local")
     config = config or os.environ.get("ONEREWARD_CONFIG", "tiny")
     overrides = overrides if overrides is not None else json.loads(os.environ.get("ONEREWARD_OVERRIDES", "[]"))
     cron = schedule or os.environ.get("ONEREWARD_SCHEDULE", "0 3 * * 1")
     new_data = Asset(os.environ.get("ONEREWARD_NEW_DATA_ASSET", NEW_DATA_ASSET))
+    settings = load_config(config, overrides)  # parsed once; pydantic + YAML only, no network
     dag = DAG(
         dag_id=dag_id,
         schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(cron, timezone="UTC"), assets=[new_data]),
@@ -128,7 +125,7 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
         for s in graph:
             upstream = [u.name for u in graph.upstream(s)]
             if mode == "kubernetes":
-                op = _pod_operator(s, graph, config, overrides, os.environ.get("ONEREWARD_IMAGE",
+                op = _pod_operator(s, graph, settings, config, overrides, os.environ.get("ONEREWARD_IMAGE",
                                    "ghcr.io/onereward/onereward:0.1.0"),
                                    os.environ.get("ONEREWARD_GPU_IMAGE", "ghcr.io/onereward/onereward:0.1.0-gpu"),
                                    os.environ.get("ONEREWARD_NAMESPACE", "onereward"))
