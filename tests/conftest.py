@@ -53,6 +53,17 @@ def wait_http(url: str, timeout: float = 60) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     h = tmp_path / "home"
@@ -128,6 +139,23 @@ def mlflow_server(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@pytest.fixture(scope="session")
+def helm_render():
+    """Render charts/onereward with Helm's own library (helm-python-sdk), release `onereward` in namespace
+    `ml`: a function of the values (merged over values.yaml) to {template path: [manifest, ...]}."""
+    import helm_python
+    import yaml
+
+    chart = helm_python.Chart.load(ROOT / "charts" / "onereward")
+
+    def render(values: dict | None = None) -> dict[str, list[dict]]:
+        out = chart.render(values or {}, name="onereward", namespace="ml")
+        return {path: [d for d in yaml.safe_load_all(text) if d] for path, text in out.items()}
+
+    yield render
+    chart.close()
 
 
 @pytest.fixture(scope="session")

@@ -115,23 +115,120 @@ def test_manifest_missing_column_is_a_clear_error(small_settings, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".staging-*"))
 
 
-def test_manifest_of_s3_uris(small_settings, s3_bucket, tmp_path):
+def _s3_manifest(bucket: str, n: int, missing: int = 1) -> str:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     uris = []
-    for i in range(3):
-        s3.put_object(Bucket=s3_bucket, Key=f"img/{i}.png", Body=_png((48, 48), seed=10 + i))
-        uris.append(f"s3://{s3_bucket}/img/{i}.png")
-    uris.append(f"s3://{s3_bucket}/img/missing.png")
-    man = f"s3://{s3_bucket}/manifest.parquet"
-    fs, path = storage.resolve(man)
-    pq.write_table(pa.table({"uri": uris}), path, filesystem=fs)
+    for i in range(n):
+        s3.put_object(Bucket=bucket, Key=f"img/{i}.png", Body=_png((48, 48), seed=10 + i))
+        uris.append(f"s3://{bucket}/img/{i}.png")
+    uris += [f"s3://{bucket}/img/missing-{i}.png" for i in range(missing)]
+    man = f"s3://{bucket}/manifest.parquet"
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"uri": uris}), buf)
+    storage.write_bytes(man, buf.getvalue())
+    return man
+
+
+def test_manifest_of_s3_uris(small_settings, s3_bucket, tmp_path):
+    man = _s3_manifest(s3_bucket, 3)
     s = small_settings(f"curate.sources=[{{kind: manifest, uri: '{man}'}}]")
     out = f"s3://{s3_bucket}/out/curated"
     execute_stage(GRAPH.get("curate"), s, {}, {"curated": out})
-    rep = storage.Artifact(out).read_json("report.json")
-    assert rep["kept"] == 3 and rep["dropped"] == {"unreadable": 1}
+    art = storage.Artifact(out)
+    rep = art.read_json("report.json")
+    assert rep["kept"] == 3 and rep["dropped"] == {"missing": 1}
+    drops = art.read_table("drops").to_pylist()
+    assert [(d["origin"], d["reason"]) for d in drops] == [(f"s3://{s3_bucket}/img/missing-0.png", "missing")]
+
+
+def test_data_stages_through_s3_faults_keep_every_row(small_settings, s3_server, s3_bucket, monkeypatch):
+    """A few percent of S3 requests answered 503 SlowDown and some connections reset: the data stages
+    (S3 manifest source, S3 artifacts) give the same rows and the same drop counts as without faults."""
+    from faulty_s3 import FaultyS3Proxy
+
+    man = _s3_manifest(s3_bucket, 30, missing=2)
+    s = small_settings(f"curate.sources=[{{kind: manifest, uri: '{man}'}}]", "masks.mix_tolerance=0.35",
+                       "curate.shard_rows=8", "storage.attempts=10", "storage.backoff_s=0.01")
+    clean = _run_data(s, f"s3://{s3_bucket}/clean")
+    with FaultyS3Proxy(s3_server, slowdown=0.05, reset=0.03, seed=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        faulty = _run_data(s, f"s3://{s3_bucket}/faulty")
+        assert proxy.stats["slowdown"] + proxy.stats["reset"] >= 3, proxy.stats
+        got_rows = _rows(faulty.outcomes[1].outputs["conditions"])
+        got_report = storage.Artifact(faulty.outcomes[0].outputs["curated"]).read_json("report.json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    want_report = storage.Artifact(clean.outcomes[0].outputs["curated"]).read_json("report.json")
+    assert got_report["kept"] == want_report["kept"] == 30
+    assert got_report["dropped"] == want_report["dropped"] == {"missing": 2}
+    assert got_rows == _rows(clean.outcomes[1].outputs["conditions"])
+
+
+def test_unreachable_store_fails_the_stage_with_the_cause(small_settings, tmp_path, monkeypatch, home):
+    from conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    s = small_settings("curate.sources=[{kind: manifest, uri: 's3://nowhere/manifest.parquet'}]",
+                       "storage.attempts=2", "storage.backoff_s=0.01")
+    out = tmp_path / "curated"
+    with pytest.raises(storage.StorageError, match=r"s3://nowhere/manifest.parquet failed after 2 attempts"):
+        execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(out)})
+    assert not out.exists() and not list(tmp_path.glob(".staging-*"))
+
+
+def test_bad_credentials_fail_at_once_and_write_nothing(small_settings, home, tmp_path, monkeypatch):
+    """moto_server enforcing authentication: a wrong key is a permanent error, not retried, not a drop."""
+    from conftest import BIN, free_port, wait_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        out = "s3://onereward-x/curated"
+        s = small_settings("curate.sources=[{kind: procedural, count: 8}]", "storage.attempts=5")
+        start = time.perf_counter()
+        with pytest.raises(storage.StorageError, match=r"credentials or permissions; not retried"):
+            execute_stage(GRAPH.get("curate"), s, {}, {"curated": out})
+        assert time.perf_counter() - start < 30
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_folder_source_refuses_links_out_of_its_root(small_settings, tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    for i in range(3):
+        (d / f"ok{i}.png").write_bytes(_png((48, 48), seed=300 + i))
+    secret = tmp_path / "outside.png"
+    secret.write_bytes(_png((48, 48), seed=399))
+    (d / "link.png").symlink_to(secret)
+    s = small_settings(f"curate.sources=[{{kind: folder, path: '{d}'}}]")
+    out = str(tmp_path / "curated")
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": out})
+    art = storage.Artifact(out)
+    assert art.read_json("report.json")["dropped"] == {"outside_source": 1}
+    assert [d["origin"] for d in art.read_table("drops").to_pylist()] == [str(d / "link.png")]
+    assert str(secret) not in {r["origin"] for r in art.read_table().to_pylist()}
+
+
+def test_unsupported_uri_scheme_and_nothing_kept_are_named(small_settings, tmp_path):
+    man = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"uri": [str(tmp_path / "a.png"), "https://example.invalid/b.png"]}), man)
+    s = small_settings(f"curate.sources=[{{kind: manifest, uri: '{man}'}}]")
+    with pytest.raises(ValueError, match=r"unsupported scheme.*row 1: 'https://example.invalid/b.png'"):
+        execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(tmp_path / "c1")})
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    pq.write_table(pa.table({"uri": [str(tmp_path / "gone.png"), str(tmp_path / "bad.png")]}), man)
+    with pytest.raises(ValueError, match=r"no image survived.*gone.png \(missing.*bad.png \(corrupt"):
+        execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(tmp_path / "c2")})
+    assert not (tmp_path / "c2").exists()
 
 
 def test_failing_validation_names_rows_and_writes_nothing(small_settings, tmp_path):
@@ -167,26 +264,61 @@ def test_empty_mask_fails_conditions_suite(small_settings):
             update={"task_mix": {"fill": 1.0}})}))
 
 
-def test_sigkill_mid_write_leaves_nothing_and_rerun_completes(home, tmp_path):
-    out = tmp_path / "curated"
-    cmd = [sys.executable, "-m", "onereward", "stage", "curate", "--out", f"curated={out}",
-           "--set", "curate.sources=[{kind: procedural, count: 4000}]", "--set", "curate.shard_rows=50"]
+KILL_POINTS = ("write.first_shard", "commit.upload", "commit.before_manifest", "commit.after_manifest")
+CURATE_FLAGS = ["--set", "curate.sources=[{kind: procedural, count: 40}]", "--set", "curate.shard_rows=10"]
+
+
+def _row_hashes(uri: str) -> list[str]:
+    import hashlib
+
+    rows = storage.Artifact(uri).read_table().sort_by("image_id").to_pylist()
+    return [hashlib.sha1(json.dumps(r, sort_keys=True, default=repr).encode()).hexdigest() for r in rows]
+
+
+def _curate_cmd(out: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onereward", "stage", "curate", "--out", f"curated={out}", *CURATE_FLAGS, *extra]
+
+
+@pytest.fixture(params=["local", "s3"])
+def kill_root(request, home, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "arts")
+    return f"s3://{request.getfixturevalue('s3_bucket')}/arts"
+
+
+def test_sigkill_inside_the_write_keeps_a_whole_artifact(kill_root, home, tmp_path):
+    """SIGKILL at each named point of a forced rerun: the previous artifact (or the new one, once its
+    manifest is in place) stays readable and whole, and the same command then completes with the unkilled
+    run's rows. A kill of a first run leaves nothing under the output name until the manifest is in."""
+    from onereward.config import load_config
+
+    settings = load_config("tiny", CURATE_FLAGS[1::2])  # what the command's flags say
+
+    def rerun(uri: str) -> None:  # the same stage and flags, in-process (no kill point set here)
+        assert execute_stage(GRAPH.get("curate"), settings, {}, {"curated": uri}, force=True).status == "done"
+        assert _row_hashes(uri) == want
+        attempts = {f.split("/")[0] for f in storage.list_files(uri)} - {storage.MANIFEST}
+        assert attempts == {storage.Artifact(uri).manifest["attempt"]}  # leftovers cleaned by the commit
+
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".staging-curated-*")):
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(tmp_path.glob(".staging-curated-*")), "the kill should land while staging"
-    assert not out.exists() and not storage.Artifact(str(out)).exists()
-    small = ["--set", "curate.sources=[{kind: procedural, count: 40}]"]
-    done = subprocess.run(cmd[:7] + small, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
-    assert storage.Artifact(str(out)).exists()
-    assert not list(tmp_path.glob(".staging-curated-*"))
+    out = f"{kill_root}/curated"
+    execute_stage(GRAPH.get("curate"), settings, {}, {"curated": out})
+    want = _row_hashes(out)
+    assert len(want) == 40
+    for point in KILL_POINTS:
+        killed = subprocess.run(_curate_cmd(out, "--force"), env={**env, storage.FAULT_ENV: point},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL and f"fault point {point}" in killed.stderr, killed.stderr
+        assert _row_hashes(out) == want, point  # old or new version: whole and equal
+        rerun(out)
+    for point in ("write.first_shard", "commit.before_manifest"):
+        fresh = f"{kill_root}/fresh-{point}"
+        killed = subprocess.run(_curate_cmd(fresh), env={**env, storage.FAULT_ENV: point},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL and not storage.Artifact(fresh).exists(), point
+        rerun(fresh)
+    if not storage.is_s3(out):
+        assert not list((tmp_path / "arts").glob(".staging-*"))
 
 
 def test_cli_run_prints_locations_and_reports_cached(home, capsys, tmp_path):

@@ -1,7 +1,9 @@
 import json
+import os
 
 import pyarrow as pa
 import pytest
+from faulty_s3 import FaultyS3Proxy
 
 from onereward import storage
 
@@ -17,8 +19,10 @@ def _roundtrip(uri: str):
     assert art.exists() and art.key == "k1" and art.manifest["rows"] == {"data": 6}
     assert art.read_table().column("a").to_pylist() == [1, 2, 3, 1, 2, 3]
     assert art.read_json("report.json") == {"ok": True}
+    assert art.files() == ["data-00000.parquet", "data-00001.parquet", "report.json"]
     local = art.local_dir()  # S3 artifacts are downloaded once into the cache
-    assert json.loads((local / "report.json").read_text()) == {"ok": True} and (local / "_MANIFEST.json").exists()
+    assert json.loads((local / "report.json").read_text()) == {"ok": True}
+    return art
 
 
 def _aborted(uri: str):
@@ -30,26 +34,95 @@ def _aborted(uri: str):
     assert storage.list_files(uri) == []
 
 
+def _recommit_replaces_and_cleans(uri: str):
+    old = storage.Artifact(uri)
+    old_attempt = old.manifest["attempt"]
+    with storage.writing(uri, key="k9") as w:
+        w.write_table(pa.table({"a": [7]}))
+        assert storage.Artifact(uri).key == "k1"  # the old version stays readable while the new one stages
+    new = storage.Artifact(uri)
+    assert new.key == "k9" and new.read_table().column("a").to_pylist() == [7]
+    # only the manifest and the new attempt remain: the old attempt went after the new manifest was in place
+    assert {f.split("/")[0] for f in storage.list_files(uri)} == {storage.MANIFEST, new.manifest["attempt"]}
+    assert old_attempt != new.manifest["attempt"]
+
+
 def test_local_atomic_artifacts(tmp_path, home):
     _roundtrip(str(tmp_path / "art"))
+    _recommit_replaces_and_cleans(str(tmp_path / "art"))
     _aborted(str(tmp_path / "bad"))
     assert not list(tmp_path.glob(".staging-*"))
 
 
 def test_s3_atomic_artifacts(s3_bucket, home):
-    _roundtrip(f"s3://{s3_bucket}/p/art")
+    art = _roundtrip(f"s3://{s3_bucket}/p/art")
+    assert (art.local_dir() / storage.MANIFEST).exists()
+    _recommit_replaces_and_cleans(f"s3://{s3_bucket}/p/art")
     _aborted(f"s3://{s3_bucket}/p/bad")
 
 
-def test_s3_partial_upload_is_invisible_and_replaced(s3_bucket, home):
+def test_readers_read_only_what_the_manifest_names(s3_bucket, home):
     uri = f"s3://{s3_bucket}/p/partial"
-    fs, path = storage.resolve(uri)
-    with fs.open_output_stream(f"{path}/data-00000.parquet") as f:  # a killed upload's leftover
-        f.write(b"garbage")
-    assert not storage.Artifact(uri).exists()
     with storage.writing(uri, key="k3") as w:
         w.write_table(pa.table({"a": [9]}))
+    art = storage.Artifact(uri)
+    # a killed writer's leftovers (a stray shard beside the manifest, a stale attempt) are never read
+    storage.write_bytes(f"{uri}/data-00005.parquet", b"garbage")
+    storage.write_bytes(f"{uri}/a-0-dead/data-00000.parquet", b"garbage")
     assert storage.Artifact(uri).read_table().column("a").to_pylist() == [9]
+    # a file the manifest names but that is gone fails the reader with its URI
+    storage.delete_tree(f"{art.root}/data-00000.parquet")
+    with pytest.raises(FileNotFoundError, match=r"data-00000.parquet is named by the manifest but missing"):
+        storage.Artifact(uri).read_table()
+
+
+def test_unsupported_scheme_is_refused(home):
+    with pytest.raises(ValueError, match="unsupported scheme 'https'"):
+        storage.Artifact("https://example.invalid/x").exists()
+    with pytest.raises(ValueError, match="unsupported scheme 'gs'"):
+        storage.ArtifactWriter("gs://bucket/x", key="k")
+
+
+def test_transient_s3_faults_are_retried(s3_server, s3_bucket, home, monkeypatch):
+    with FaultyS3Proxy(s3_server, slowdown=0.15, reset=0.1, seed=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage.configure(storage.RetryPolicy(attempts=12, backoff_s=0.01, backoff_max_s=0.05))
+        uri = f"s3://{s3_bucket}/flaky/art"
+        for i in range(3):  # forced rewrites too: each replaces the last, whole
+            with storage.writing(uri, key=f"k{i}") as w:
+                for j in range(4):
+                    w.write_table(pa.table({"a": [i, j]}))
+            assert storage.Artifact(uri).read_table().column("a").to_pylist() == [i, 0, i, 1, i, 2, i, 3]
+        assert proxy.stats["slowdown"] > 0 and proxy.stats["reset"] > 0, proxy.stats
+    storage.configure(storage.RetryPolicy())
+
+
+def test_upload_that_fails_for_good_publishes_nothing(s3_server, s3_bucket, home, monkeypatch):
+    uri = f"s3://{s3_bucket}/p/failing"
+    with storage.writing(uri, key="good") as w:
+        w.write_table(pa.table({"a": [1]}))
+    with FaultyS3Proxy(s3_server, fail_path=r"data-00001\.parquet") as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        storage.configure(storage.RetryPolicy(attempts=3, backoff_s=0.01))
+        with pytest.raises(storage.StorageError, match=r"data-00001\.parquet.*failed after 3 attempts"):
+            with storage.writing(uri, key="new") as w:
+                for j in range(3):
+                    w.write_table(pa.table({"a": [j]}))
+        assert proxy.stats["fail"] >= 3
+    storage.configure(storage.RetryPolicy())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    art = storage.Artifact(uri)  # the previous version is untouched
+    assert art.key == "good" and art.read_table().column("a").to_pylist() == [1]
+
+
+def test_unreachable_endpoint_and_bad_credentials_name_the_cause(s3_server, s3_bucket, home, monkeypatch):
+    from conftest import free_port
+
+    storage.configure(storage.RetryPolicy(attempts=2, backoff_s=0.01, connect_timeout_s=1))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(storage.StorageError, match=r"s3://.*failed after 2 attempts.*connect"):
+        storage.read_bytes(f"s3://{s3_bucket}/x")
+    storage.configure(storage.RetryPolicy())
 
 
 def test_artifact_key_depends_on_params_and_inputs():
@@ -58,3 +131,4 @@ def test_artifact_key_depends_on_params_and_inputs():
     assert k != storage.artifact_key("s", "1", {"p": 2}, {"in": "abc"})
     assert k != storage.artifact_key("s", "1", {"p": 1}, {"in": "abd"})
     assert k != storage.artifact_key("s", "2", {"p": 1}, {"in": "abc"})
+    assert os.environ.get(storage.FAULT_ENV) is None

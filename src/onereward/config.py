@@ -95,6 +95,9 @@ class GeneratorConfig(Strict):
     max_prompt_tokens: int = 8
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora_rank: int = Field(0, ge=0)
+    # the negative branch of true CFG; the tiny tokenizer's vocabulary is built with it, so it belongs
+    # to the generator (and so to the base model's key), not to a sampling stage
+    negative_prompt: str = ""
 
 
 class PretrainConfig(Strict):
@@ -114,7 +117,6 @@ class CandidatesConfig(Strict):
     max_conditions: int = Field(200, ge=1)
     steps: list[int] = Field(default_factory=lambda: [4, 8])
     guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
-    negative_prompt: str = ""
     batch_size: int = Field(32, ge=1)
 
 
@@ -124,6 +126,17 @@ class Resources(Strict):
     gpu_accelerator: str = "NVIDIA_H100_80GB"  # value of the node selector / KFP accelerator type
     toleration_key: str = "nvidia.com/gpu"
     cpu_node_pool: str = "cpu-pool"
+
+
+class StorageConfig(Strict):
+    """How S3 calls are retried (transient faults: 503 SlowDown, 5xx, resets, timeouts) and timed out.
+    Not part of any stage's key: it changes how artifacts are fetched, never what they hold."""
+
+    attempts: int = Field(6, ge=1)
+    backoff_s: float = Field(0.2, ge=0)  # first retry delay; doubles each retry, with jitter
+    backoff_max_s: float = Field(5.0, ge=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0)
 
 
 class TrackingConfig(Strict):
@@ -142,6 +155,7 @@ class Settings(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     resources: Resources = Field(default_factory=Resources)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def resolved_artifact_root(self) -> str:

@@ -11,7 +11,7 @@ from rich.console import Console
 from onereward import storage, tracking
 from onereward.config import Settings
 from onereward.pipeline import GRAPH, Graph, Stage
-from onereward.stages import StageContext, StageNotImplemented
+from onereward.stages import StageContext, StageNotImplemented, StageSettings
 
 console = Console(stderr=True)
 
@@ -61,6 +61,7 @@ def execute_stage(
     unknown = set(outputs) ^ {o.name for o in stage.outputs}
     if unknown:
         raise ValueError(f"stage {stage.name!r}: outputs must be exactly {[o.name for o in stage.outputs]}")
+    storage.configure(settings.storage)
     in_arts = {k: storage.Artifact(inputs[k]) for k in stage.inputs}
     for name, art in in_arts.items():
         if not art.exists():
@@ -75,7 +76,7 @@ def execute_stage(
     params = stage_params(stage, settings)
     meta = {"stage": stage.name, "version": stage.version, "inputs": inputs, "params": params}
     writers = {k: storage.ArtifactWriter(u, key, meta) for k, u in outputs.items()}
-    ctx = StageContext(stage.name, settings, in_arts, writers, key)
+    ctx = StageContext(stage.name, StageSettings(settings, stage.name, stage.params), in_arts, writers, key)
     start = time.perf_counter()
     try:
         with tracking.stage_run(settings.tracking.experiment, stage.name, params, inputs, outputs):
@@ -103,6 +104,7 @@ class PlannedStage:
 
 def plan(settings: Settings, graph: Graph = GRAPH) -> list[PlannedStage]:
     """Output URIs for every stage: `{root}/{stage}/{key}/{artifact}`, keyed through the graph."""
+    storage.configure(settings.storage)
     root = settings.resolved_artifact_root()
     uris: dict[str, str] = {}
     keys: dict[str, str] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,13 +71,79 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
     return {k: v[:500] for k, v in out.items()}
 
 
+HOST = socket.gethostname()
+KIND_TAG = "onereward.kind"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def mark_killed_runs(experiment_id: str, *, outputs: dict[str, str] | None = None) -> list[str]:
+    """Runs left RUNNING by a killed process are marked KILLED: pipeline runs whose process on this host is
+    gone, and stage runs writing the same outputs as a new attempt (their process is gone, or it ran on
+    another host: a retried pod). Returns the run ids it marked."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    flt = "attributes.status = 'RUNNING'"
+    if outputs:
+        name, uri = sorted(outputs.items())[0]
+        flt += f" and tags.`output.{name}` = {_quote(uri)}"
+    else:
+        flt += f" and tags.`{KIND_TAG}` = 'pipeline'"
+    marked = []
+    for run in client.search_runs([experiment_id], flt, max_results=200):
+        tags = run.data.tags
+        pid = int(tags.get("pid", "-1"))
+        if tags.get("host") == HOST:
+            if pid == os.getpid() or _alive(pid):
+                continue
+        elif not outputs:
+            continue
+        client.set_tag(run.info.run_id, "killed_reason",
+                       f"process {tags.get('host')}:{pid} ended without closing the run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        marked.append(run.info.run_id)
+    if marked:
+        print(f"tracking: marked {len(marked)} stale run(s) KILLED: {', '.join(marked)}", flush=True)
+    return marked
+
+
 @contextmanager
-def pipeline_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+def _run(**kwargs: Any) -> Iterator[Any]:
+    """mlflow.start_run that records how it ended: FINISHED, FAILED, or KILLED on an interrupt/SIGTERM."""
     import mlflow
 
+    run = mlflow.start_run(**kwargs)
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+@contextmanager
+def pipeline_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
     exp_id = setup(experiment)
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
-    with mlflow.start_run(experiment_id=exp_id, run_name=name, tags=all_tags) as run:
+    mark_killed_runs(exp_id)
+    all_tags = {"git_commit": git_commit(), KIND_TAG: "pipeline", "host": HOST, "pid": str(os.getpid()),
+                **(tags or {})}
+    with _run(experiment_id=exp_id, run_name=name, tags=all_tags) as run:
         yield run
 
 
@@ -92,14 +159,18 @@ def stage_run(
     import mlflow
 
     exp_id = setup(experiment)
+    mark_killed_runs(exp_id, outputs=outputs)
     parent = mlflow.active_run()
     tags = {
         "stage": stage,
+        KIND_TAG: "stage",
         "git_commit": git_commit(),
+        "host": HOST,
+        "pid": str(os.getpid()),
         **{f"input.{k}": v for k, v in inputs.items()},
         **{f"output.{k}": v for k, v in outputs.items()},
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name=stage, nested=parent is not None, tags=tags) as run:
+    with _run(experiment_id=exp_id, run_name=stage, nested=parent is not None, tags=tags) as run:
         mlflow.log_params(flatten_params(params))
         yield run
 

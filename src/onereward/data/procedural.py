@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,16 @@ def clipart_files() -> tuple[str, ...]:
 @functools.cache
 def cjk_font_path() -> str | None:
     return next((p for p in CJK_FONTS if Path(p).exists()), None)
+
+
+def asset_fingerprint(paths: tuple[str, ...] | str | None) -> str | None:
+    """Names and sizes of machine assets (fonts, clipart) that change what the data stages produce, hashed:
+    part of the stage keys, so installing or removing them is not served from cache."""
+    if not paths:
+        return None
+    items = [paths] if isinstance(paths, str) else list(paths)
+    listing = "\n".join(f"{p}:{Path(p).stat().st_size}" for p in items)
+    return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 
 @functools.cache

@@ -22,6 +22,14 @@ CURATED = pa.schema(
     ]
 )
 
+DROPS = pa.schema(  # curate's table "drops": every input it did not keep
+    [
+        pa.field("origin", pa.string(), nullable=False),  # file path, URI, manifest row or recipe
+        pa.field("reason", pa.string(), nullable=False),  # e.g. corrupt, missing, duplicate, outside_source
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
 CONDITIONS = pa.schema(
     [
         pa.field("condition_id", pa.string(), nullable=False),

@@ -112,28 +112,34 @@ def conditions_suite(tasks: list[str], coverage: dict[str, tuple[float, float]])
         Expect("ExpectTableRowCountToBeBetween", {"min_value": 1}),
     ]
     for task, (lo, hi) in coverage.items():
+        # the coverage measured on the decoded mask, not the declared one (which must agree with it)
         out.append(Expect("ExpectColumnValuesToBeBetween", {
-            "column": "mask_coverage", "min_value": lo, "max_value": hi,
+            "column": "measured_coverage", "min_value": lo, "max_value": hi,
             "row_condition": f'task=="{task}"', "condition_parser": "pandas"}))
+    out.append(Expect("ExpectColumnValuesToBeInSet", {"column": "coverage_as_declared", "value_set": [True]}))
     return out
 
 
 def task_mix_frame(tasks: pd.Series, mix: dict[str, float], tolerance: float) -> pd.DataFrame:
-    """Observed share per task and its allowed band: the configured tolerance, widened to three binomial
-    standard deviations when there are too few rows for the tolerance to be meaningful."""
+    """Observed share and count per task with their allowed bands: the configured tolerance, widened to
+    three binomial standard deviations when there are too few rows for the tolerance to be meaningful;
+    and a task expected at least 5 times must appear at all, however wide the band."""
     total = sum(mix.values())
-    shares = tasks.value_counts(normalize=True)
+    counts = tasks.value_counts()
     n = max(len(tasks), 1)
     rows = []
     for t, w in mix.items():
         p = w / total
         band = max(tolerance, 3 * (p * (1 - p) / n) ** 0.5)
-        rows.append({"task": t, "share": float(shares.get(t, 0.0)), "low": max(0.0, p - band),
-                     "high": min(1.0, p + band)})
+        rows.append({"task": t, "share": float(counts.get(t, 0)) / n, "low": max(0.0, p - band),
+                     "high": min(1.0, p + band), "count": int(counts.get(t, 0)),
+                     "min_count": 1 if n * p >= 5 else 0})
     return pd.DataFrame(rows)
 
 
 TASK_MIX_SUITE = [
     Expect("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "share", "column_B": "low", "or_equal": True}),
     Expect("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "high", "column_B": "share", "or_equal": True}),
+    Expect("ExpectColumnPairValuesAToBeGreaterThanB", {"column_A": "count", "column_B": "min_count",
+                                                        "or_equal": True}),
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from onereward.config import Settings
 from onereward.storage import Artifact, ArtifactWriter
@@ -12,10 +14,33 @@ class StageNotImplemented(NotImplementedError):
     pass
 
 
+class UndeclaredConfigError(AttributeError):
+    """A stage read a configuration section that is not part of its cache key."""
+
+
+class StageSettings:
+    """The configuration a stage is keyed on, and nothing else: reading a section the graph does not
+    declare for the stage raises, so a cached output can never depend on configuration outside its key."""
+
+    def __init__(self, settings: Settings, stage: str, sections: Iterable[str]):
+        self._settings = settings
+        self._stage = stage
+        self._sections = frozenset(sections)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._sections:
+            return getattr(self._settings, name)
+        if name in Settings.model_fields:
+            raise UndeclaredConfigError(
+                f"stage {self._stage!r} read config section {name!r}, which is not part of its key; "
+                f"declare it in the stage's params in onereward/pipeline.py (declared: {sorted(self._sections)})")
+        raise AttributeError(name)
+
+
 @dataclass
 class StageContext:
     stage: str
-    settings: Settings
+    settings: StageSettings | Settings
     inputs: dict[str, Artifact]
     outputs: dict[str, ArtifactWriter]
     key: str

@@ -29,19 +29,25 @@ def _procedural(src: ProceduralSource, s: Settings) -> Iterator[Item]:
 
 
 def _read_guarded(uri: str, name: str) -> tuple[bytes | None, ImageRejected | None]:
+    """The bytes of one source image. A missing file is a counted drop; any other storage error (after
+    the storage module's retries) fails the stage, because a flaky bucket is not bad data."""
     try:
         if storage.file_size(uri) > MAX_FILE_BYTES:
             return None, ImageRejected("too_large", f"{name} is over {MAX_FILE_BYTES} bytes")
         return storage.read_bytes(uri), None
-    except (OSError, FileNotFoundError) as e:
-        return None, ImageRejected("unreadable", f"{name}: {e}")
+    except FileNotFoundError as e:
+        return None, ImageRejected("missing", f"{name}: {e}")
 
 
 def _folder(src: FolderSource) -> Iterator[Item]:
     root = Path(src.path)
     if not root.is_dir():
         raise FileNotFoundError(f"curate: folder source {src.path!r} does not exist")
+    real_root = root.resolve()
     for p in sorted(x for x in root.rglob("*") if x.is_file() and not x.name.startswith(".")):
+        if not p.resolve().is_relative_to(real_root):  # a symlink pointing out of the source
+            yield "folder", str(p), None, ImageRejected("outside_source", f"{p} links outside {real_root}")
+            continue
         data, err = _read_guarded(str(p), str(p))
         yield "folder", str(p), data, err
 
@@ -50,9 +56,15 @@ def _manifest(src: ManifestSource) -> Iterator[Item]:
     tbl = storage.read_parquet_uri(src.uri)
     if src.column not in tbl.column_names:
         raise ValueError(f"manifest {src.uri}: missing column {src.column!r} (has {tbl.column_names})")
-    for i, uri in enumerate(tbl.column(src.column).to_pylist()):
+    uris = tbl.column(src.column).to_pylist()
+    bad = [(i, u) for i, u in enumerate(uris) if u and "://" in u and not u.startswith(("s3://", "file://"))]
+    if bad:
+        rows = ", ".join(f"row {i}: {u!r}" for i, u in bad[:5])
+        raise ValueError(f"manifest {src.uri}: {len(bad)} URI(s) with an unsupported scheme (supported: s3://, "
+                         f"file://, local paths): {rows}")
+    for i, uri in enumerate(uris):
         if not uri:
-            yield "manifest", f"{src.uri}#row{i}", None, ImageRejected("unreadable", f"row {i}: empty URI")
+            yield "manifest", f"{src.uri}#row{i}", None, ImageRejected("empty_uri", f"row {i}: empty URI")
             continue
         data, err = _read_guarded(uri, f"{uri} (manifest row {i})")
         yield "manifest", uri, data, err
@@ -69,12 +81,12 @@ def iter_sources(s: Settings) -> Iterator[Item]:
 
 
 def source_fingerprint(s: Settings) -> list:
-    """What the folder and manifest sources hold now (names, sizes, mtimes), hashed into the cache key."""
-    import hashlib
-
+    """What the sources hold now (folder listings, manifest bytes, installed clipart), hashed into the key."""
     out = []
     for src in s.curate.sources:
-        if isinstance(src, FolderSource):
+        if isinstance(src, ProceduralSource) and src.clipart:
+            out.append(["clipart", procedural.asset_fingerprint(procedural.clipart_files())])
+        elif isinstance(src, FolderSource):
             root = Path(src.path)
             files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
             listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
@@ -95,23 +107,19 @@ def source_count(s: Settings) -> int | None:
 def curate(ctx: StageContext) -> dict[str, float]:
     s, c = ctx.settings, ctx.settings.curate
     out = ctx.outputs["curated"]
-    drops: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {}
+    drops: list[dict[str, str]] = []
     seen: set[int] = set()
     hashes: list[int] = []
     rows: list[dict] = []
     total = 0
 
-    def drop(reason: str, detail: str) -> None:
-        drops[reason] += 1
-        examples.setdefault(reason, [])
-        if len(examples[reason]) < 5:
-            examples[reason].append(detail)
+    def drop(origin: str, reason: str, detail: str) -> None:
+        drops.append({"origin": origin, "reason": reason, "detail": detail})
 
     for source, origin, payload, err in track(iter_sources(s), description="curate", total=source_count(s)):
         total += 1
         if err is not None:
-            drop(err.reason, str(err))
+            drop(origin, err.reason, str(err))
             continue
         extra: dict = {"background": None, "object_mask": None, "object_label": None}
         try:
@@ -126,14 +134,14 @@ def curate(ctx: StageContext) -> dict[str, float]:
                 im = decode_guarded(payload, origin, min_side=c.min_side, max_pixels=c.max_pixels)
                 arr = np.asarray(center_square(im, s.image_size))
         except ImageRejected as e:
-            drop(e.reason, str(e))
+            drop(origin, e.reason, str(e))
             continue
         if float(arr.std()) < c.min_std:
-            drop("near_constant", f"{origin}: pixel std {arr.std():.2f} < {c.min_std}")
+            drop(origin, "near_constant", f"{origin}: pixel std {arr.std():.2f} < {c.min_std}")
             continue
         h = phash(arr)
         if h in seen or (c.dedup_hamming and any(hamming(h, o) <= c.dedup_hamming for o in hashes)):
-            drop("duplicate", f"{origin}: perceptual hash {h:016x} seen before")
+            drop(origin, "duplicate", f"{origin}: perceptual hash {h:016x} seen before")
             continue
         seen.add(h)
         hashes.append(h)
@@ -143,21 +151,32 @@ def curate(ctx: StageContext) -> dict[str, float]:
                      **extra})
 
     # Identical pixels from two origins share an image_id: keep the first.
-    unique = {r["image_id"]: r for r in reversed(rows)}
-    for _ in range(len(rows) - len(unique)):
-        drop("duplicate", "identical pixels")
-    rows = [r for r in rows if unique.get(r["image_id"]) is r]
+    first = {}
+    for r in rows:
+        first.setdefault(r["image_id"], r)
+    for r in rows:
+        if first[r["image_id"]] is not r:
+            drop(r["origin"], "duplicate", f"{r['origin']}: identical pixels to {first[r['image_id']]['origin']}")
+    rows = [r for r in rows if first[r["image_id"]] is r]
+    counts = Counter(d["reason"] for d in drops)
     if not rows:
-        raise ValueError(f"curate: no image survived curation ({dict(drops)})")
+        named = "; ".join(f"{d['origin']} ({d['reason']}: {d['detail']})" for d in drops[:5])
+        raise ValueError(f"curate: no image survived curation of {total} input(s) ({dict(counts)}); first: {named}")
     validate_curated(rows, s)
     for i in range(0, len(rows), c.shard_rows):
         out.write_table(schema.table(rows[i : i + c.shard_rows], schema.CURATED))
-    report = {"seen": total, "kept": len(rows), "dropped": dict(drops), "examples": examples,
+    # every dropped input, by name and reason; the report keeps counts and a few examples
+    out.write_table(schema.table(drops, schema.DROPS), name="drops")
+    examples: dict[str, list[str]] = {}
+    for d in drops:
+        if len(examples.setdefault(d["reason"], [])) < 5:
+            examples[d["reason"]].append(d["detail"])
+    report = {"seen": total, "kept": len(rows), "dropped": dict(counts), "examples": examples,
               "by_source": dict(Counter(r["source"] for r in rows))}
     out.write_json("report.json", report)
     tracking.log_dict(report, "curation_report.json")
     return {"images_seen": total, "images_kept": len(rows),
-            **{f"dropped.{k}": v for k, v in drops.items()}}
+            **{f"dropped.{k}": v for k, v in counts.items()}}
 
 
 def validate_curated(rows: list[dict], s: Settings) -> None:

@@ -61,7 +61,7 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
         b = mdata.batch_from_rows([r for r, _ in batch])
         seeds = [candidate_seed(r["condition_id"], j, s.seed) for r, j in batch]
         imgs = gen.sample(b["images"], b["masks"], b["prompts"], steps=steps, guidance=guidance,
-                          negative_prompt=c.negative_prompt, seed=seeds)
+                          negative_prompt=s.generator.negative_prompt, seed=seeds)
         for (r, j), seed, png in zip(batch, seeds, mdata.to_pngs(imgs), strict=True):
             out_rows[(r["condition_id"], j)] = {
                 "condition_id": r["condition_id"], "candidate_id": f"{r['condition_id']}-c{j}", "task": r["task"],

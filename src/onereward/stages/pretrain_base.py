@@ -153,7 +153,7 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
     prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
-    gen = train(ctx, train_rows, [*prompts, s.candidates.negative_prompt])
+    gen = train(ctx, train_rows, [*prompts, s.generator.negative_prompt])
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
     out = ctx.outputs["base_model"]

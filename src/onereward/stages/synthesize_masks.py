@@ -177,6 +177,12 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
             **{f"skipped.{k}": v for k, v in skipped.items()}}
 
 
+def environment_fingerprint(s: Settings) -> dict[str, str | None]:
+    """Fonts on this machine change the text rows (Chinese rows exist only with a CJK font)."""
+    return {"cjk_font": procedural.asset_fingerprint(procedural.cjk_font_path()),
+            "latin_font": procedural.asset_fingerprint(str(procedural.LATIN_FONT))}
+
+
 def expected_mix(curated_rows: list[dict], s: Settings) -> dict[str, float]:
     """The task shares the configured mix gives on these images: removal needs an exact object mask, so
     on images without one the other tasks share its weight."""
@@ -197,7 +203,11 @@ def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | N
         df = pd.DataFrame(columns=[f.name for f in schema.CONDITIONS])
     df["image"] = [r["image"] for r in rows]
     df["mask"] = [r["mask"] for r in rows]
-    df["decodable"] = [_decodes(r) for r in rows]
+    measured = [_measured_coverage(r) for r in rows]
+    df["decodable"] = [m is not None for m in measured]
+    df["measured_coverage"] = [m if m is not None else -1.0 for m in measured]
+    df["coverage_as_declared"] = [m is not None and abs(m - float(r["mask_coverage"])) < 1e-4
+                                  for m, r in zip(measured, rows, strict=True)]
     tasks = [t for t in TASKS if cfg.task_mix.get(t, 0) > 0]
     validation.validate("conditions", df, validation.conditions_suite(tasks, cfg.coverage), "condition_id")
     target = mix or {t: cfg.task_mix[t] for t in tasks}
@@ -205,11 +215,14 @@ def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | N
     validation.validate("task_mix", shares, validation.TASK_MIX_SUITE, "task")
 
 
-def _decodes(r: dict) -> bool:
-    """Mask and target decode at the input's size (the input image itself passed the curated suite)."""
+def _measured_coverage(r: dict) -> float | None:
+    """Share of masked pixels of the decoded mask; None when the mask or the target does not decode at the
+    input's size (the input image itself passed the curated suite)."""
     try:
         size = Image.open(io.BytesIO(r["image"])).size[::-1]
-        ok = from_png(r["mask"], "L").shape == size
-        return ok and (r["target"] is None or from_png(r["target"]).shape[:2] == size)
+        mask = from_png(r["mask"], "L")
+        if mask.shape != size or (r["target"] is not None and from_png(r["target"]).shape[:2] != size):
+            return None
+        return float((mask > 127).mean())
     except Exception:
-        return False
+        return None
