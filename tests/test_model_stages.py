@@ -9,11 +9,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from onereward import storage
 from onereward.config import load_config
 from onereward.models.generator import TinyUNetGenerator
-from onereward.runner import plan, run_pipeline
+from onereward.runner import execute_stage, plan, run_pipeline
 from onereward.stages.pretrain_base import evaluate_generator, heldout_by_task, load_conditions
 
 SMALL_MODEL = [
@@ -24,6 +25,7 @@ SMALL_MODEL = [
     "pretrain.batch_size=16",
     "pretrain.checkpoint_every=20",
     "pretrain.eval_conditions=12",
+    "pretrain.gate_tasks=[]",  # 60 steps are too few to beat the baselines; the gate has its own test
     "candidates.max_conditions=8",
     "candidates.per_condition=4",
     "candidates.steps=[2, 4]",
@@ -99,4 +101,33 @@ def test_pretrain_resumes_after_sigkill(home, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming from checkpoint at step {killed_at}" in done.stdout + done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
-    assert storage.Artifact(step.outputs["base_model"]).exists() and not ckpt.exists()
+    resumed = storage.Artifact(step.outputs["base_model"])
+    assert resumed.exists() and not ckpt.exists()
+
+    # the resumed model is the model an unkilled run of the same seed trains
+    from safetensors.torch import load_file
+
+    unkilled = str(tmp_path / "unkilled" / "base_model")
+    execute_stage(step.stage, s, step.inputs, {"base_model": unkilled})
+    for rel in [f for f in resumed.files("model/") if f.endswith(".safetensors")]:
+        a = load_file(resumed.local_dir() / rel)
+        b = load_file(storage.Artifact(unkilled).local_dir() / rel)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
+    got, want = resumed.read_json("heldout_metrics.json"), storage.Artifact(unkilled).read_json("heldout_metrics.json")
+    assert all(abs(got[k] - want[k]) < 1e-3 * max(1.0, abs(want[k])) for k in want), (got, want)
+
+
+def test_base_that_does_not_beat_the_baselines_is_not_registered(home, tmp_path):
+    import mlflow
+
+    from onereward import tracking
+    from onereward.stages.pretrain_base import BaseGateFailed
+
+    s = load_config("tiny", [*SMALL_MODEL, "pretrain.steps=2", "pretrain.gate_tasks=[fill, text]"])
+    run_pipeline(s, until="synthesize_masks")
+    step = next(p for p in plan(s) if p.stage.name == "pretrain_base")
+    with pytest.raises(BaseGateFailed, match=r"fill: mse_mask .* is not lower than the baselines \(meanfill"):
+        execute_stage(step.stage, s, step.inputs, step.outputs)
+    assert not storage.Artifact(step.outputs["base_model"]).exists()
+    tracking.setup("onereward")
+    assert mlflow.MlflowClient().search_registered_models() == []

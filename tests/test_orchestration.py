@@ -3,18 +3,21 @@
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from onereward.config import load_config
+from onereward.orchestration import contract
 from onereward.pipeline import GRAPH, Graph, Output, Resources, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fraction=0.25",
         "masks.mix_tolerance=0.3", "pretrain.steps=8", "pretrain.batch_size=8", "pretrain.eval_conditions=4",
         "candidates.max_conditions=4", "candidates.per_condition=2", "candidates.steps=[2]",
-        "candidates.guidance=[1.0]"]
+        "candidates.guidance=[1.0]",
+        "pretrain.gate_tasks=[]"]  # 8 steps cannot beat the baselines; the gate has its own test
 IMPLEMENTED = Graph(GRAPH.stages[:4])
 
 
@@ -37,7 +40,7 @@ def test_kfp_compiles_one_task_per_stage_with_gpu_settings(tmp_path):
         ex = execs[f"exec-{s.name.replace('_', '-')}"]["container"]
         assert ex["args"][:2] == ["stage", s.name] and ex["command"] == ["onereward"]
         kex = k8s[f"exec-{s.name.replace('_', '-')}"]
-        assert kex["secretAsEnv"][0]["secretName"] == "onereward-s3"
+        assert kex["secretAsEnv"][0]["secretName"] == contract.S3_SECRET
         if s.resources.gpu:
             assert ex["image"] == "img:gpu" and ex["resources"]["accelerator"]["resourceCount"] == "1"
             assert kex["nodeSelector"]["labels"] == {"node-pool": "gpu-h100"}
@@ -50,6 +53,19 @@ def test_kfp_compiles_one_task_per_stage_with_gpu_settings(tmp_path):
     gc = tasks["generate-candidates"]["inputs"]["artifacts"]["base_model"]["taskOutputArtifact"]
     assert gc == {"outputArtifactKey": "base_model", "producerTask": "pretrain-base"}
     assert spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == "configs/flux.yaml"
+
+
+def test_kfp_caching_is_off_exactly_for_fingerprinted_stages_and_retries_follow_the_graph(tmp_path):
+    spec, _ = _compile(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    fingerprinted = {s.name for s in GRAPH if s.fingerprint is not None}
+    assert "curate" in fingerprinted
+    assert {s.name for s in GRAPH if not tasks[s.name.replace("_", "-")]["cachingOptions"].get("enableCache")} \
+        == fingerprinted
+    for s in GRAPH:
+        assert tasks[s.name.replace("_", "-")]["retryPolicy"] == {
+            "maxRetryCount": s.retry.retries, "backoffDuration": f"{s.retry.backoff_seconds}s",
+            "backoffFactor": s.retry.backoff_factor, "backoffMaxDuration": f"{s.retry.max_backoff_seconds}s"}
 
 
 def test_kfp_local_runs_implemented_stages(tmp_path, home):
@@ -68,14 +84,40 @@ def _dagbag():
     return DagBag(dag_folder=str(ROOT / "dags"))
 
 
+def _assert_retry_policy(task, policy):
+    assert (task.retries, task.retry_delay.total_seconds(), task.retry_exponential_backoff,
+            task.max_retry_delay.total_seconds()) == (policy.retries, policy.backoff_seconds, policy.backoff_factor,
+                                                      policy.max_backoff_seconds), task.task_id
+
+
 def test_dagbag_has_no_import_errors(monkeypatch):
+    from onereward.orchestration.airflow_dag import PLAN_RETRY, PLAN_TASK
+
     monkeypatch.setenv("ONEREWARD_DAG_MODE", "local")
     bag = _dagbag()
     assert bag.import_errors == {}
     dag = bag.dags["onereward_retraining"]
-    assert [t.task_id for t in dag.topological_sort()] == GRAPH.names
-    assert all(t.retries >= 2 for t in dag.tasks)
-    assert dag.get_task("pretrain_base").upstream_task_ids == {"synthesize_masks"}
+    assert [t.task_id for t in dag.topological_sort()] == [PLAN_TASK, *GRAPH.names]
+    assert dag.get_task(PLAN_TASK).upstream_task_ids == set()
+    for s in GRAPH:  # every stage reads its URIs from the plan
+        task = dag.get_task(s.name)
+        assert task.upstream_task_ids == {PLAN_TASK, *(u.name for u in GRAPH.upstream(s))}
+        _assert_retry_policy(task, s.retry)
+    _assert_retry_policy(dag.get_task(PLAN_TASK), PLAN_RETRY)
+    assert dag.get_task("pretrain_base").upstream_task_ids == {PLAN_TASK, "synthesize_masks"}
+
+
+def _jinja(text: str, plan: dict, variables: dict[str, str]) -> str:
+    """Render an Airflow template with a stand-in for `ti` (the plan task's XCom) and `var`."""
+    import jinja2
+
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: plan if task_ids == "plan" else None)
+    var = SimpleNamespace(value=SimpleNamespace(get=lambda key, default=None: variables.get(key, default)))
+    return jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text).render(ti=ti, var=var)
+
+
+def _pairs(args: list[str], flag: str) -> dict[str, str]:
+    return dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == flag)
 
 
 def test_kubernetes_mode_builds_gpu_pod_specs(monkeypatch, tmp_path):
@@ -86,9 +128,9 @@ def test_kubernetes_mode_builds_gpu_pod_specs(monkeypatch, tmp_path):
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
         "users": [{"name": "u", "user": {"token": "x"}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    from onereward.orchestration.airflow_dag import build_dag
+    from onereward.orchestration.airflow_dag import PLAN_RETRY, build_dag
 
-    dag = build_dag(mode="kubernetes", config="flux", overrides=[], dag_id="k8s_check")
+    dag = build_dag(mode="kubernetes", config="flux", overrides=["seed=3"], dag_id="k8s_check")
     gpu = dag.get_task("pretrain_base").build_pod_request_obj()
     c = gpu.spec.containers[0]
     assert gpu.spec.node_selector == {"node-pool": "gpu-h100"}
@@ -99,21 +141,76 @@ def test_kubernetes_mode_builds_gpu_pod_specs(monkeypatch, tmp_path):
     assert cpu.spec.node_selector == {"node-pool": "cpu-pool"} and not cpu.spec.tolerations
     assert "nvidia.com/gpu" not in (cpu.spec.containers[0].resources.limits or {})
 
+    # the plan pod runs first and pushes {stage: {inputs, outputs}}; the Variable overrides the root
+    plan_task = dag.get_task("plan")
+    assert [t.task_id for t in dag.topological_sort()][0] == "plan" and plan_task.do_xcom_push
+    args = plan_task.build_pod_request_obj().spec.containers[0].args
+    assert args[:5] == ["plan", "--config", "flux", "--set-json", '["seed=3"]']
+    assert args[args.index("--outputs-file") + 1] == "/airflow/xcom/return.json"
+    root = args[args.index("--set") + 1]
+    assert _jinja(root, {}, {}) == "artifact_root=s3://onereward-artifacts/pipeline"
+    assert _jinja(root, {}, {"onereward_artifact_root": "s3://other/x"}) == "artifact_root=s3://other/x"
+    _assert_retry_policy(plan_task, PLAN_RETRY)
+
+    # every stage pod takes its --in/--out URIs from the plan's XCom: nothing per-run
+    plan = {s.name: {"inputs": {n: f"in://{s.name}/{n}" for n in s.inputs},
+                     "outputs": {o.name: f"out://{s.name}/{o.name}" for o in s.outputs}} for s in GRAPH}
+    for s in GRAPH:
+        task = dag.get_task(s.name)
+        args = task.build_pod_request_obj().spec.containers[0].args
+        assert "run_id" not in " ".join(args) and "--outputs-file" not in args
+        assert args[:6] == ["stage", s.name, "--config", "flux", "--set-json", '["seed=3"]']
+        rendered = [_jinja(a, plan, {}) for a in args]
+        assert _pairs(rendered, "--in") == plan[s.name]["inputs"]
+        assert _pairs(rendered, "--out") == plan[s.name]["outputs"]
+        assert "plan" in task.upstream_task_ids
+        _assert_retry_policy(task, s.retry)
+
+
+def test_plan_subcommand_writes_the_runners_plan(home, tmp_path, capsys):
+    from onereward.cli import main
+    from onereward.runner import plan
+
+    out = tmp_path / "xcom" / "return.json"
+    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(TINY), "--set", "artifact_root=",
+                 "--outputs-file", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == written
+    expected = plan(load_config("tiny", TINY))
+    assert list(written) == [p.stage.name for p in expected]
+    for p in expected:
+        assert written[p.stage.name] == {"key": p.key, "inputs": p.inputs, "outputs": p.outputs}
+    assert written["curate"]["outputs"]["curated"].startswith(str(home / "artifacts"))
+
+    # the Airflow Variable's override of the root (a later --set wins over --set-json)
+    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(TINY), "--set",
+                 f"artifact_root={tmp_path / 'elsewhere'}"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved["curate"]["key"] == written["curate"]["key"]
+    assert moved["curate"]["outputs"]["curated"] == str(tmp_path / "elsewhere" / "curate" / written["curate"]["key"]
+                                                        / "curated")
+
 
 def test_dag_test_runs_implemented_stages(airflow_db, home, monkeypatch):
     monkeypatch.setenv("ONEREWARD_DAG_MODE", "local")
     monkeypatch.setenv("ONEREWARD_OVERRIDES", json.dumps(TINY))
     dag = _dagbag().dags["onereward_retraining"]
-    run = dag.test()
-    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
-    for s in IMPLEMENTED:
-        assert states[s.name].endswith("success"), states
-    assert states["label_preferences"].endswith("skipped"), states
     from onereward import storage
     from onereward.runner import plan
 
-    final = next(p for p in plan(load_config("tiny", TINY)) if p.stage.name == "generate_candidates")
-    assert storage.Artifact(final.outputs["candidates"]).exists()
+    planned = {p.stage.name: p for p in plan(load_config("tiny", TINY))}
+    for attempt in ("first", "second"):  # the second run of the DAG reuses every output of the first
+        run = dag.test()
+        tis = {ti.task_id: ti for ti in run.get_task_instances()}
+        states = {k: str(ti.state) for k, ti in tis.items()}
+        assert states["plan"].endswith("success"), states
+        for s in IMPLEMENTED:
+            assert states[s.name].endswith("success"), states
+            result = tis[s.name].xcom_pull(task_ids=s.name)
+            assert result["outputs"] == planned[s.name].outputs and result["key"] == planned[s.name].key
+            assert result["status"] == ("done" if attempt == "first" else "cached"), (attempt, s.name, result)
+        assert states["label_preferences"].endswith("skipped"), states
+    assert storage.Artifact(planned["generate_candidates"].outputs["candidates"]).exists()
 
 
 def test_graph_is_the_single_source(tmp_path, monkeypatch):
@@ -127,7 +224,7 @@ def test_graph_is_the_single_source(tmp_path, monkeypatch):
     from onereward.orchestration.airflow_dag import build_dag
 
     dag = build_dag(graph, mode="local", dag_id="copy_check")
-    assert dag.get_task("audit_candidates").upstream_task_ids == {"generate_candidates"}
+    assert dag.get_task("audit_candidates").upstream_task_ids == {"plan", "generate_candidates"}
     with pytest.raises(ValueError, match="no earlier stage produces"):
         Graph((extra,))
 

@@ -1,11 +1,14 @@
-"""`onereward` command line: run the graph, run one stage (container entrypoint), print the graph."""
+"""`onereward` command line: run the graph, run one stage (container entrypoint), plan the stages' URIs,
+print the graph."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from onereward.config import ConfigError, load_config
@@ -81,9 +84,23 @@ def cmd_stage(args: argparse.Namespace) -> int:
                       "outputs": outcome.outputs, "metrics": outcome.metrics}))
     for path, obj in ((args.metrics_file, outcome.metrics), (args.outputs_file, outcome.outputs)):
         if path:  # orchestrators read small results from files (e.g. /airflow/xcom/return.json)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(obj, f)
+            _write_json(path, obj)
+    return 0
+
+
+def _write_json(path: str, obj: object) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from onereward.orchestration.entry import plan_uris
+
+    planned = plan_uris(args.config, [*json.loads(args.set_json or "[]"), *args.set])
+    print(json.dumps(planned, indent=2))
+    if args.outputs_file:
+        _write_json(args.outputs_file, planned)
     return 0
 
 
@@ -110,14 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outputs-file", help="also write {output name: URI} as JSON here")
     s.set_defaults(func=cmd_stage)
 
+    pl = sub.add_parser("plan", help="print every stage's keyed input/output URIs as JSON (head of the DAG)")
+    pl.add_argument("--config", default="tiny", help="profile name or YAML path")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, applied after --set-json")
+    pl.add_argument("--set-json", help="config overrides as a JSON list of KEY=VALUE (orchestrator parameter)")
+    pl.add_argument("--outputs-file", help="also write the plan here (e.g. /airflow/xcom/return.json)")
+    pl.set_defaults(func=cmd_plan)
+
     g = sub.add_parser("graph", help="print the stages and their artifacts")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_graph)
     return p
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Kubernetes and Airflow stop a task with SIGTERM: unwind normally, so staged outputs are dropped and
+    # the MLflow runs end KILLED instead of staying RUNNING
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except ConfigError as e:

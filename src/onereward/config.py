@@ -110,6 +110,9 @@ class PretrainConfig(Strict):
     eval_steps: int = Field(4, ge=1)
     sample_grid_rows: int = Field(4, ge=1)
     threads: int = Field(0, ge=0)  # torch threads; 0 = leave torch's default
+    # tasks whose held-out measure must beat both trivial baselines, or nothing is registered and the
+    # stage fails (models/data.py GATE_MEASURE says what each task is measured by)
+    gate_tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
 
 
 class CandidatesConfig(Strict):

@@ -30,6 +30,18 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How often a failed task is retried and how long it waits: backoff_seconds, then times backoff_factor
+    after each further failure, at most max_backoff_seconds. KFP's set_retry and Airflow's retries,
+    retry_delay, retry_exponential_backoff and max_retry_delay are both derived from it."""
+
+    retries: int = 2
+    backoff_seconds: int = 60
+    backoff_factor: float = 2.0
+    max_backoff_seconds: int = 3600
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     func: str  # "module:function", imported only when the stage runs
@@ -37,7 +49,7 @@ class Stage:
     outputs: tuple[Output, ...]
     params: tuple[str, ...]  # Settings sections that, with the inputs, key the outputs
     resources: Resources = field(default_factory=Resources)
-    retries: int = 2
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     version: str = "1"  # bump when the stage's logic changes its outputs
     description: str = ""
     # "module:function" of Settings -> JSON-able fingerprint of external inputs (e.g. a source folder's
@@ -114,13 +126,14 @@ GRAPH = Graph((
           description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards",
           fingerprint="onereward.stages.curate:source_fingerprint"),
     Stage("synthesize_masks", "onereward.stages.synthesize_masks:synthesize_masks", ("curated",),
-          (Output("conditions"),), ("image_size", "seed", "masks"),
-          description="fill / extend / removal / text conditions with masks, prompts, targets"),
+          (Output("conditions"),), ("image_size", "seed", "curate", "masks"),
+          description="fill / extend / removal / text conditions with masks, prompts, targets",
+          fingerprint="onereward.stages.synthesize_masks:environment_fingerprint"),
     Stage("pretrain_base", "onereward.stages.pretrain_base:pretrain_base", ("conditions",),
-          (Output("base_model", "Model"),), ("seed", "generator", "pretrain"), GPU,
+          (Output("base_model", "Model"),), ("image_size", "seed", "generator", "pretrain", "tracking"), GPU,
           description="train the tiny base generator, or register an external base (flux)"),
     Stage("generate_candidates", "onereward.stages.generate_candidates:generate_candidates",
-          ("conditions", "base_model"), (Output("candidates"),), ("seed", "candidates"), GPU,
+          ("conditions", "base_model"), (Output("candidates"),), ("seed", "generator", "candidates"), GPU,
           description="N candidates per condition with varied seeds / guidance / steps"),
     Stage("label_preferences", _pending("label_preferences"), ("conditions", "candidates"),
           (Output("preferences"),), ("seed",),

@@ -54,15 +54,40 @@ def masked_input(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return images * (1 - masks)
 
 
+def glyph_similarity(outputs, images, masks, targets) -> torch.Tensor:
+    """Per image, inside the mask: Pearson correlation of what the output added to the input (output - image)
+    with what the target added (target - image), in luminance. For text rows that is the glyph layer:
+    1 when the strokes are drawn where they belong, 0 for anything flat (mean-colour fill, masked input)."""
+    lum = [(x - images).mean(1, keepdim=True) for x in (outputs, targets)]
+    n = masks.flatten(1).sum(1).clamp_min(1)
+    centred = [(x - ((x * masks).flatten(1).sum(1) / n)[:, None, None, None]) * masks for x in lum]
+    cov = (centred[0] * centred[1]).flatten(1).sum(1)
+    var = [(c**2).flatten(1).sum(1) for c in centred]
+    return cov / (var[0] * var[1]).sqrt().clamp_min(1e-8)
+
+
+# What "better than the trivial baselines" is measured by, per task (lower is better for an error).
+GATE_MEASURE = {"fill": ("mse_mask", "lower"), "extend": ("mse_mask", "lower"),
+                "removal": ("mse_mask", "lower"), "text": ("glyph_sim", "higher")}
+BASELINES = {"meanfill": mean_colour_fill, "masked_input": masked_input}
+
+
 def mask_metrics(outputs, images, masks, targets) -> dict[str, torch.Tensor]:
-    """Per-image: background PSNR outside the mask on the raw output, and MSE inside the mask."""
+    """Per image: background PSNR outside the mask on the raw output; MSE inside the mask and glyph
+    similarity, each also for the two trivial baselines (suffixes _meanfill, _masked_input)."""
     bg = _masked_mse(outputs, images, 1 - masks)
-    return {
-        "bg_psnr": torch.tensor([psnr(float(v)) for v in bg]),
-        "mse_mask": _masked_mse(outputs, targets, masks),
-        "mse_mask_meanfill": _masked_mse(mean_colour_fill(images, masks), targets, masks),
-        "mse_mask_masked_input": _masked_mse(masked_input(images, masks), targets, masks),
-    }
+    out = {"bg_psnr": torch.tensor([psnr(float(v)) for v in bg])}
+    for name, x in (("", outputs), *((f"_{b}", f(images, masks)) for b, f in BASELINES.items())):
+        out[f"mse_mask{name}"] = _masked_mse(x, targets, masks)
+        out[f"glyph_sim{name}"] = glyph_similarity(x, images, masks, targets)
+    return out
+
+
+def beats_baselines(task: str, metrics: dict[str, torch.Tensor]) -> bool:
+    measure, better = GATE_MEASURE[task]
+    own = float(metrics[measure].mean())
+    base = [float(metrics[f"{measure}_{b}"].mean()) for b in BASELINES]
+    return own < min(base) if better == "lower" else own > max(base)
 
 
 def grid(rows_of_images: list[list[torch.Tensor]]) -> np.ndarray:

@@ -12,11 +12,9 @@ from typing import Any
 import yaml
 
 from onereward.config import Settings
+from onereward.orchestration import contract
 from onereward.pipeline import GRAPH, Graph, Stage
 
-SECRET_S3 = "onereward-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (charts/onereward)
-SECRET_MLFLOW = "onereward-mlflow-client"  # optional keys MLFLOW_TRACKING_USERNAME/PASSWORD
-CONFIGMAP = "onereward-pipeline"  # MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
 KFP_TYPES = {"Dataset": "Dataset", "Model": "Model", "Metrics": "Metrics", "HTML": "HTML"}
 
 
@@ -89,25 +87,29 @@ def build_pipeline(graph: Graph = GRAPH, settings: Settings | None = None, *, im
                 produced[o.name] = task.outputs[o.name] if len(s.outputs) > 1 else task.output
             if local:
                 continue
-            task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
-            task.set_caching_options(enable_caching=True)
+            r = s.retry
+            task.set_retry(num_retries=r.retries, backoff_duration=f"{r.backoff_seconds}s",
+                           backoff_factor=r.backoff_factor, backoff_max_duration=f"{r.max_backoff_seconds}s")
+            # KFP's cache keys on the component's inputs only, so it would miss what a stage's external
+            # fingerprint catches (new images under an unchanged manifest URI): such stages always run
+            task.set_caching_options(enable_caching=s.fingerprint is None)
             task.set_cpu_request(s.resources.cpu).set_memory_request(s.resources.memory)
             task.set_memory_limit(s.resources.memory)
-            k8s.use_secret_as_env(task, SECRET_S3, {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
-                                                    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
-            k8s.use_secret_as_env(task, SECRET_MLFLOW, {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                                                        "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"},
-                                  optional=True)
-            k8s.use_config_map_as_env(task, CONFIGMAP, {k: k for k in (
-                "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")})
-            if s.resources.gpu:
+            k8s.use_secret_as_env(task, contract.S3_SECRET, {k: k for k in contract.S3_SECRET_KEYS})
+            k8s.use_secret_as_env(task, contract.MLFLOW_CLIENT_SECRET,
+                                  {k: k for k in contract.MLFLOW_CLIENT_SECRET_KEYS}, optional=True)
+            k8s.use_config_map_as_env(task, contract.PIPELINE_CONFIGMAP,
+                                      {k: k for k in contract.PIPELINE_CONFIGMAP_KEYS})
+            k8s.use_config_map_as_env(task, contract.PIPELINE_CONFIGMAP,
+                                      {k: k for k in contract.PIPELINE_CONFIGMAP_OPTIONAL_KEYS}, optional=True)
+            gpu = bool(s.resources.gpu)
+            for label, pool in contract.node_selector(res, gpu).items():
+                k8s.add_node_selector(task, label, pool)
+            if gpu:
                 task.set_accelerator_type(res.gpu_type).set_accelerator_limit(s.resources.gpu)
-                k8s.add_node_selector(task, "node-pool", res.gpu_node_pool)
-                k8s.add_toleration(task, key=res.toleration_key, operator="Exists", effect="NoSchedule")
+                k8s.add_toleration(task, **contract.gpu_toleration(res))
                 k8s.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                     size_limit=s.resources.shm)
-            else:
-                k8s.add_node_selector(task, "node-pool", res.cpu_node_pool)
 
     return pipeline
 

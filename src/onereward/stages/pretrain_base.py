@@ -52,16 +52,32 @@ def evaluate_generator(gen: MaskedFlowGenerator, by_task: dict[str, list[dict]],
         for k, v in m.items():
             metrics[f"heldout.{task}.{k}"] = float(v.mean())
         metrics[f"heldout.{task}.n"] = len(rows)
-        metrics[f"heldout.{task}.beats_baselines"] = float(
-            m["mse_mask"].mean() < m["mse_mask_meanfill"].mean()
-            and m["mse_mask"].mean() < m["mse_mask_masked_input"].mean()
-        )
+        metrics[f"heldout.{task}.beats_baselines"] = float(mdata.beats_baselines(task, m))
         n = min(grid_rows, len(rows))
         grey_mask = b["masks"][:n].expand(-1, 3, -1, -1) * 2 - 1
         grids[task] = mdata.grid([
             [b["images"][i] * (1 - b["masks"][i]), grey_mask[i], out[i], b["targets"][i]] for i in range(n)
         ])
     return metrics, grids
+
+
+class BaseGateFailed(ValueError):
+    """The trained base does not beat the trivial baselines on held-out conditions: nothing is registered."""
+
+
+def check_gate(metrics: dict[str, float], tasks: list[str]) -> None:
+    failed = []
+    for task in tasks:
+        measure, better = mdata.GATE_MEASURE[task]
+        if f"heldout.{task}.beats_baselines" not in metrics:
+            failed.append(f"{task}: no held-out conditions with a target to measure")
+        elif metrics[f"heldout.{task}.beats_baselines"] != 1.0:
+            own = metrics[f"heldout.{task}.{measure}"]
+            base = ", ".join(f"{b} {metrics[f'heldout.{task}.{measure}_{b}']:.4f}" for b in mdata.BASELINES)
+            failed.append(f"{task}: {measure} {own:.4f} is not {better} than the baselines ({base})")
+    if failed:
+        raise BaseGateFailed("pretrain_base: the base generator fails its held-out gate (pretrain.gate_tasks); "
+                             "train longer or relax the gate. " + "; ".join(failed))
 
 
 def _save_checkpoint(uri: str, gen, opt, step: int, rng: torch.Generator) -> None:
@@ -156,6 +172,8 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     gen = train(ctx, train_rows, [*prompts, s.generator.negative_prompt])
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
+    tracking.log_metrics(metrics)  # in MLflow even when the gate below fails
+    check_gate(metrics, s.pretrain.gate_tasks)
     out = ctx.outputs["base_model"]
     gen.save(out.dir / "model")
     out.write_json("heldout_metrics.json", metrics)
