@@ -127,16 +127,18 @@ def test_sigterm_ends_the_runs_killed_and_drops_the_staged_output(home, tmp_path
     out = tmp_path / "curated"
     cmd = [sys.executable, "-m", "onereward", "stage", "curate", "--out", f"curated={out}",
            "--set", "curate.sources=[{kind: procedural, count: 5000}]"]
+    tracking.setup("onereward")  # the store exists before two processes use it
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("onereward").experiment_id
     proc = subprocess.Popen(cmd, env={**os.environ, "ONEREWARD_HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".staging-curated-*")):
-        time.sleep(0.1)
-    time.sleep(1.0)
+    runs: list = []
+    while time.time() < deadline and not runs:  # SIGTERM once the stage's run is open, mid-curation
+        time.sleep(0.5)
+        runs = client.search_runs([exp], "tags.stage = 'curate'")
+    assert runs and runs[0].info.status == "RUNNING"
     proc.terminate()
     assert proc.wait(60) == 128 + 15
     assert not out.exists() and not list(tmp_path.glob(".staging-curated-*"))
-    tracking.setup("onereward")
-    client = mlflow.MlflowClient()
-    [run] = client.search_runs([client.get_experiment_by_name("onereward").experiment_id], "tags.stage = 'curate'")
-    assert run.info.status == "KILLED"
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"

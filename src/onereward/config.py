@@ -90,6 +90,7 @@ class GeneratorConfig(Strict):
     base_uri: str | None = None  # flux: local path or s3:// URI of a FluxFill checkpoint
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
+    attention_heads: int = Field(2, ge=1)  # tiny UNet: 2 heads of 32 channels; 8 of 8 ran 2x slower on CPU
     text_hidden: int = 64
     text_layers: int = 2
     max_prompt_tokens: int = 8
@@ -110,6 +111,9 @@ class PretrainConfig(Strict):
     eval_steps: int = Field(4, ge=1)
     sample_grid_rows: int = Field(4, ge=1)
     threads: int = Field(0, ge=0)  # torch threads; 0 = leave torch's default
+    # bf16 autocast for the forward pass (fp32 weights and optimizer); "auto" = where the CPU has AVX-512
+    # BF16 or on CUDA. Measured on 2 cores: 1.6x faster a step with the same held-out quality.
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"
     # tasks whose held-out measure must beat both trivial baselines, or nothing is registered and the
     # stage fails (models/data.py GATE_MEASURE says what each task is measured by)
     gate_tasks: list[Task] = Field(default_factory=lambda: list(TASKS))

@@ -1,0 +1,83 @@
+"""Training efficiency: FLOPs per step of each training loop (counted with FlopCounterMode), the FLOP/s it
+achieves, and the ratio to a 1024x1024 matmul measured in the same run with the same threads and dtype.
+
+Loops measured: pretrain_base (the tiny UNet generator's step, as `stages.pretrain_base.train_step` runs
+it), with bf16 autocast off and on. The judge, RL and distillation loops join as they land.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def pretrain_loop(batch: int, autocast: str):
+    """A step function of the pretrain loop on synthetic rows (the cost does not depend on the pixels)."""
+    from onereward.config import load_config
+    from onereward.models.generator import TinyUNetGenerator
+    from onereward.stages.pretrain_base import train_step
+
+    s = load_config("tiny", [f"pretrain.batch_size={batch}", f"pretrain.autocast={autocast}"])
+    prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
+    gen = TinyUNetGenerator.build(s.generator, [*prompts, ""], s.image_size, s.seed)
+    opt = torch.optim.AdamW(list(gen.parameters()), lr=s.pretrain.lr)
+    n, size = 64, s.image_size
+    g = torch.Generator().manual_seed(0)
+    data = {"images": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+            "targets": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
+            "masks": (torch.rand(n, 1, size, size, generator=g) > 0.6).float(),
+            "prompts": [prompts[i % 4] for i in range(n)]}
+    gen.train(True)
+    return lambda: train_step(gen, opt, data, g, s.pretrain)
+
+
+def measure(step, steps: int) -> tuple[float, float]:
+    """(FLOPs of one step, seconds a step)."""
+    for _ in range(2):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return float(counter.get_total_flops()), (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+    print(f"threads: {torch.get_num_threads()}, AVX-512 BF16: {torch.cpu._is_avx512_bf16_supported()}")
+    peak = {"fp32": matmul_flops_per_s(torch.float32), "bf16": matmul_flops_per_s(torch.bfloat16)}
+    for dtype, v in peak.items():
+        print(f"matmul 1024^2 {dtype}: {v / 1e9:.0f} GFLOP/s")
+    rows = []
+    for autocast, dtype in (("fp32", "fp32"), ("bf16", "bf16")):
+        flops, sec = measure(pretrain_loop(args.batch, autocast), args.steps)
+        rate = flops / sec
+        rows.append((dtype, sec))
+        print(f"pretrain_base [{dtype}] batch {args.batch}: {flops / 1e9:.1f} GFLOP/step, {sec:.3f} s/step, "
+              f"{rate / 1e9:.0f} GFLOP/s = {rate / peak[dtype]:.2f}x the {dtype} matmul, "
+              f"{rate / peak['fp32']:.2f}x the fp32 matmul")
+    print(f"pretrain_base bf16 vs fp32 step time: {rows[0][1] / rows[1][1]:.2f}x faster")
+
+
+if __name__ == "__main__":
+    main()
