@@ -80,8 +80,11 @@ class FluxFillGenerator(MaskedFlowGenerator):
                         device: str | None = None) -> FluxFillGenerator:
         """Load a FluxFill checkpoint from a local folder or an s3:// prefix (downloaded once, by URI)."""
         from diffusers import FluxFillPipeline
+        from diffusers.utils import logging as diffusers_logging
 
         from onereward.config import home_dir
+
+        diffusers_logging.disable_progress_bar()  # the stage shows its own progress
 
         local = Path(uri)
         if storage.is_s3(uri):
