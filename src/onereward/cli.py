@@ -1,5 +1,5 @@
 """`onereward` command line: run the graph, run one stage (container entrypoint), plan the stages' URIs,
-print the graph."""
+print the graph, export candidate pairs for labelling by hand."""
 
 from __future__ import annotations
 
@@ -104,6 +104,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels_export(args: argparse.Namespace) -> int:
+    from onereward import storage
+    from onereward.data.labelstudio import export_tasks
+
+    settings = load_config(args.config, args.set)
+    storage.configure(settings.storage)
+    conditions = storage.Artifact(args.conditions).read_table().to_pylist()
+    candidates = storage.Artifact(args.candidates).read_table().to_pylist()
+    tasks = export_tasks(conditions, candidates, settings.labels.criteria.model_dump(), settings.seed)
+    storage.write_bytes(args.out, json.dumps(tasks).encode())
+    print(f"wrote {len(tasks)} Label Studio tasks (candidate pairs x criteria) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onereward", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -134,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set-json", help="config overrides as a JSON list of KEY=VALUE (orchestrator parameter)")
     pl.add_argument("--outputs-file", help="also write the plan here (e.g. /airflow/xcom/return.json)")
     pl.set_defaults(func=cmd_plan)
+
+    lb = sub.add_parser("labels", help="preference labels by hand (Label Studio)")
+    lsub = lb.add_subparsers(dest="labels_command", required=True)
+    ex = lsub.add_parser("export", help="write the candidate pairs as a Label Studio import file (JSON)")
+    ex.add_argument("--conditions", required=True, metavar="URI", help="the conditions artifact")
+    ex.add_argument("--candidates", required=True, metavar="URI", help="the candidates artifact")
+    ex.add_argument("--out", required=True, metavar="FILE.json", help="local path or s3:// URI")
+    ex.add_argument("--config", default="tiny", help="profile name or YAML path (labels.criteria per task)")
+    ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ex.set_defaults(func=cmd_labels_export)
 
     g = sub.add_parser("graph", help="print the stages and their artifacts")
     g.add_argument("--json", action="store_true")

@@ -127,6 +127,44 @@ class CandidatesConfig(Strict):
     batch_size: int = Field(32, ge=1)
 
 
+Criterion = Literal["alignment", "consistency", "structure", "aesthetics", "removal_quality", "text_correctness"]
+Degradation = Literal["blur", "wash", "noise", "masked_input", "flat"]
+_FILL_EXTEND: list[Criterion] = ["alignment", "consistency", "structure", "aesthetics"]
+
+
+class CriteriaConfig(Strict):
+    """The evaluation criteria of each task (the paper's); a task with none gets no pairs."""
+
+    fill: list[Criterion] = Field(default_factory=lambda: list(_FILL_EXTEND))
+    extend: list[Criterion] = Field(default_factory=lambda: list(_FILL_EXTEND))
+    removal: list[Criterion] = Field(default_factory=lambda: ["removal_quality"])
+    text: list[Criterion] = Field(default_factory=lambda: ["text_correctness"])
+
+
+class LabelsConfig(Strict):
+    kind: Literal["auto", "import"] = "auto"  # auto: from the procedural ground truth; import: Label Studio
+    import_uri: str | None = None  # Label Studio JSON export (local path or s3://), for kind=import
+    criteria: CriteriaConfig = Field(default_factory=CriteriaConfig)
+    # a candidate pair is labelled only when the loser's measure is at least this share worse than the winner's
+    min_margin: float = Field(0.1, ge=0, lt=1)
+    # probability of flipping a candidate-vs-candidate label (annotator disagreement); above 0.5 the
+    # majority of labels would be wrong
+    noise: float = Field(0.0, ge=0, le=0.5)
+    degradations: list[Degradation] = Field(
+        default_factory=lambda: ["blur", "wash", "noise", "masked_input", "flat"])
+    degraded_per_condition: int = Field(2, ge=0)  # collapsed losers per condition, kinds drawn without replacement
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelsConfig:
+        if self.kind == "import" and not self.import_uri:
+            raise ValueError("import_uri is required when kind is import")
+        if len(set(self.degradations)) != len(self.degradations):
+            raise ValueError("degradations must not repeat a kind")
+        if self.degraded_per_condition > len(self.degradations):
+            raise ValueError("degraded_per_condition exceeds the number of degradations")
+        return self
+
+
 class Resources(Strict):
     gpu_node_pool: str = "gpu-pool"
     gpu_type: str = "nvidia.com/gpu"
@@ -161,6 +199,7 @@ class Settings(Strict):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     resources: Resources = Field(default_factory=Resources)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

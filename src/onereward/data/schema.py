@@ -46,6 +46,35 @@ CONDITIONS = pa.schema(
 )
 
 
+PREFERENCES = pa.schema(  # label_preferences: one ordered pair (winner better than loser) per row
+    [
+        pa.field("pair_id", pa.string(), nullable=False),  # same for both orders of a pair on one criterion
+        pa.field("condition_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("criterion", pa.string(), nullable=False),  # e.g. alignment, removal_quality (config labels.criteria)
+        pa.field("kind", pa.string(), nullable=False),  # cand_vs_cand | target_vs_cand | cand_vs_degraded
+        pa.field("winner_id", pa.string(), nullable=False),  # a candidate_id, COND-target, or SOURCE~degradation
+        pa.field("loser_id", pa.string(), nullable=False),
+        pa.field("winner_image", pa.binary(), nullable=False),  # PNG RGB
+        pa.field("loser_image", pa.binary(), nullable=False),  # PNG RGB
+        pa.field("labeller", pa.string(), nullable=False),  # auto | import
+        pa.field("confidence", pa.float32(), nullable=False),  # estimated probability that the label is right
+        # the ground-truth measure of the loser minus the winner's (lower is better): negative where label noise
+        # flipped the pair; NaN for an imported label on a condition without a target
+        pa.field("margin", pa.float32(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # the condition's split: train | heldout
+    ]
+)
+
+REJECTED_LABELS = pa.schema(  # label_preferences' table "rejected": every imported entry it did not keep
+    [
+        pa.field("entry", pa.string(), nullable=False),  # the Label Studio task id (or #index when it has none)
+        pa.field("pair_id", pa.string(), nullable=False),  # when the entry names one, else ""
+        pa.field("reason", pa.string(), nullable=False),  # e.g. unknown_candidate, missing_choice, duplicate_pair
+        pa.field("detail", pa.string(), nullable=False),
+    ]
+)
+
 def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 

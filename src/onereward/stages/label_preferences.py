@@ -1,0 +1,345 @@
+"""label_preferences: ordered (winner, loser) pairs per condition and evaluation criterion of its task, from a
+pluggable labeller, for the one reward model.
+
+Inputs: `conditions` (synthesize_masks), `candidates` (generate_candidates).
+Output: `preferences` — table `data` (schema.PREFERENCES, both images in the row), `report.json` (pairs and
+mean margin per task, criterion and kind); with `labels.kind: import` also table `rejected`
+(schema.REJECTED_LABELS) and `rejected.json`, naming every export entry that was not kept.
+Config: `seed`, `labels`.
+Metrics: `pairs`, `pairs.<kind>`, `pairs.<task>.<criterion>.<kind>`, `margin.<task>.<criterion>.<kind>`,
+`below_margin.<kind>`, `flipped`, `conditions`, `conditions.no_target`, `rejected`, `rejected.<reason>`.
+
+Labellers:
+- `auto` decides from the ground truth of the procedural data: each criterion has a measure of an image
+  against the condition's target, input and mask (MEASURES, lower is better). Candidate pairs whose
+  measures differ by less than `labels.min_margin` (relative) are not labelled; the target beats every
+  candidate it beats by that margin (target_vs_cand); degraded images (blurred, colour-washed, noisy,
+  the masked input, a flat image) lose to a candidate that beats them by the margin (cand_vs_degraded).
+  `labels.noise` flips that share of the candidate pairs, seeded, to imitate annotator disagreement.
+- `import` reads a Label Studio export (data/labelstudio.py) at `labels.import_uri`; its pairs are
+  candidate pairs, with the ground-truth margin where the condition has a target.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import binary_dilation
+
+from onereward import storage, tracking
+from onereward.config import LabelsConfig, Settings
+from onereward.data import labelstudio, procedural, schema
+from onereward.models import data as mdata
+from onereward.models.data import _masked_mse
+from onereward.stages import StageContext
+from onereward.stages.generate_candidates import SCHEMA as CANDIDATES
+
+KINDS = ("cand_vs_cand", "target_vs_cand", "cand_vs_degraded")
+SHARD_ROWS = 4096
+CONFIDENCE_SCALE = 0.25  # relative margin at which a ground-truth label is trusted with p ≈ 0.82
+
+
+@dataclass(frozen=True)
+class Ground:
+    """What the data knows about one condition, as (1, C, H, W) tensors in [-1, 1]."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    ring: torch.Tensor  # the mask's inner border: where a fill meets the kept image
+    colour: torch.Tensor | None  # the prompt's colour word (free-form fills), (1, 3)
+
+    @classmethod
+    def of(cls, row: dict) -> Ground:
+        mask = mdata.to_tensor([row["mask"]], "L")
+        m = mask[0, 0].numpy() > 0.5
+        width = max(1, m.shape[0] // 16)
+        ring = torch.from_numpy((binary_dilation(~m, iterations=width) & m).astype(np.float32))[None, None]
+        words = row["prompt"].split()
+        colour = None
+        if row["task"] == "fill" and len(words) == 2 and words[1] in procedural.COLORS:
+            colour = torch.tensor(procedural.COLORS[words[1]], dtype=torch.float32)[None] / 127.5 - 1
+        return cls(mdata.to_tensor([row["image"]]), mask, mdata.to_tensor([row["target"]]), ring, colour)
+
+
+def _in_mask_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).flatten(2).sum(2) / mask.flatten(2).sum(2).clamp_min(1)
+
+
+def _colour_gap(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    """How much farther the in-mask mean colour is from the prompt's colour than the target's is."""
+    if g.colour is None:
+        return torch.zeros(x.shape[0])
+
+    def dist(y: torch.Tensor) -> torch.Tensor:
+        return (((_in_mask_mean(y, g.mask) - g.colour) / 2) ** 2).mean(1)
+
+    return (dist(x) - dist(g.target)).clamp_min(0)
+
+
+def _gradient_error(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    """Squared error of the luminance gradients inside the mask: edges where the target has them."""
+    lum, ref, m = x.mean(1, keepdim=True), g.target.mean(1, keepdim=True), g.mask
+    total = torch.zeros(x.shape[0])
+    for dim in (2, 3):
+        n = m.shape[dim] - 1
+        region = torch.maximum(m.narrow(dim, 1, n), m.narrow(dim, 0, n))
+        grad, grad_ref = lum.diff(dim=dim), ref.diff(dim=dim)
+        total = total + _masked_mse(grad, grad_ref, region)
+    return total
+
+
+def _contrast_gap(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    """Squared difference of the in-mask luminance spread: flat fills and noise both miss the target's."""
+    def spread(y: torch.Tensor) -> torch.Tensor:
+        lum = y.mean(1, keepdim=True)
+        mean = _in_mask_mean(lum, g.mask)[:, :, None, None]
+        return _in_mask_mean((lum - mean) ** 2, g.mask)[:, 0].sqrt()
+
+    return ((spread(x) - spread(g.target)) / 2) ** 2
+
+
+def alignment(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    return _masked_mse(x, g.target, g.mask) + _colour_gap(x, g)
+
+
+def consistency(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    return _masked_mse(x, g.target, g.ring) + _masked_mse(x, g.image, 1 - g.mask)
+
+
+def structure(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    return _gradient_error(x, g)
+
+
+def aesthetics(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    return (_masked_mse(x, g.target, g.mask) + consistency(x, g) + structure(x, g)) / 3 + _contrast_gap(x, g)
+
+
+def removal_quality(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    # the removal target is the clean background: any residue of the object, or anything new, is error
+    return _masked_mse(x, g.target, g.mask)
+
+
+def text_correctness(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    return 1 - mdata.mask_correlation(x, g.mask, g.target)
+
+
+# Per criterion: (images (K,3,H,W), ground) -> (K,) error against the ground truth, lower is better.
+MEASURES: dict[str, Callable[[torch.Tensor, Ground], torch.Tensor]] = {
+    f.__name__: f for f in (alignment, consistency, structure, aesthetics, removal_quality, text_correctness)}
+
+
+def relative_margin(winner: float, loser: float) -> float:
+    return (loser - winner) / loser if loser > 1e-8 else 0.0
+
+
+def confidence(rel: float, noise: float = 0.0) -> float:
+    """Probability that a label is right: 0.5 at no margin, towards 1 as the margin grows, lowered by the
+    chance that label noise flipped it."""
+    right = 1 - 0.5 * math.exp(-rel / CONFIDENCE_SCALE)
+    return (1 - noise) * right + noise * (1 - right)
+
+
+def _rng(seed: int, condition_id: str, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha1(condition_id.encode()).hexdigest()[:12], 16), stream])
+
+
+def degrade(kind: str, x: torch.Tensor, g: Ground, gen: torch.Generator) -> torch.Tensor:
+    """A (1,3,H,W) image the way a policy drifting off the data makes it."""
+    if kind == "blur":
+        k = max(3, x.shape[-1] // 8 | 1)
+        for _ in range(2):
+            x = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+        return x
+    if kind == "wash":
+        return ((0.3 * x + 0.7 * x.mean(1, keepdim=True)) * 0.5 + 0.4).clamp(-1, 1)
+    if kind == "noise":
+        return (x + 0.5 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+    if kind == "masked_input":
+        return mdata.masked_input(g.image, g.mask)
+    if kind == "flat":
+        return x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    raise ValueError(f"unknown degradation {kind!r}")
+
+
+def _degraded(cond: dict, cands: list[dict], g: Ground, lc: LabelsConfig, seed: int
+              ) -> tuple[list[str], torch.Tensor | None]:
+    rng = _rng(seed, cond["condition_id"], 1)
+    kinds = rng.choice(lc.degradations, size=lc.degraded_per_condition, replace=False)
+    ids, images = [], []
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    for kind in map(str, kinds):
+        if kind == "masked_input":
+            source, x = f"{cond['condition_id']}-input", g.image
+        elif rng.random() < 0.5:
+            source, x = f"{cond['condition_id']}-target", g.target
+        else:
+            c = cands[int(rng.integers(len(cands)))]
+            source, x = c["candidate_id"], mdata.to_tensor([c["image"]])
+        ids.append(f"{source}~{kind}")
+        images.append(degrade(kind, x, g, gen))
+    return ids, torch.cat(images) if images else None
+
+
+def auto_pairs(cond: dict, cands: list[dict], lc: LabelsConfig, seed: int) -> tuple[list[dict], Counter[str]]:
+    """The ground-truth labels of one condition with a target: rows of schema.PREFERENCES, and counts of
+    pairs left out (below the margin) and flipped by label noise."""
+    g = Ground.of(cond)
+    cid = cond["condition_id"]
+    cand_ids = [c["candidate_id"] for c in cands]
+    deg_ids, deg = _degraded(cond, cands, g, lc, seed)
+    pngs = {c["candidate_id"]: c["image"] for c in cands} | {f"{cid}-target": cond["target"]}
+    if deg is not None:
+        pngs |= dict(zip(deg_ids, mdata.to_pngs(deg), strict=True))
+    cand_x = mdata.to_tensor([c["image"] for c in cands])
+    pick, noise = _rng(seed, cid, 2), _rng(seed, cid, 3)
+    rows: list[dict] = []
+    counts: Counter[str] = Counter()
+
+    def emit(criterion: str, kind: str, winner: str, loser: str, mw: float, ml: float, flip: bool = False) -> None:
+        rel = relative_margin(mw, ml)
+        if flip:
+            winner, loser, mw, ml = loser, winner, ml, mw
+        rows.append({"pair_id": labelstudio.pair_id(cid, criterion, winner, loser), "condition_id": cid,
+                     "task": cond["task"], "criterion": criterion, "kind": kind, "winner_id": winner,
+                     "loser_id": loser, "winner_image": pngs[winner], "loser_image": pngs[loser],
+                     "labeller": "auto", "confidence": confidence(rel, lc.noise if kind == "cand_vs_cand" else 0),
+                     "margin": ml - mw, "split": cond["split"]})
+
+    for criterion in getattr(lc.criteria, cond["task"]):
+        measure = MEASURES[criterion]
+        m_c = measure(cand_x, g).tolist()
+        m_t = float(measure(g.target, g)[0])
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                w, lo = (i, j) if m_c[i] <= m_c[j] else (j, i)
+                if relative_margin(m_c[w], m_c[lo]) < lc.min_margin:
+                    counts["below_margin.cand_vs_cand"] += 1
+                    continue
+                flip = bool(noise.random() < lc.noise)
+                counts["flipped"] += flip
+                emit(criterion, "cand_vs_cand", cand_ids[w], cand_ids[lo], m_c[w], m_c[lo], flip)
+            if relative_margin(m_t, m_c[i]) >= lc.min_margin:
+                emit(criterion, "target_vs_cand", f"{cid}-target", cand_ids[i], m_t, m_c[i])
+            else:
+                counts["below_margin.target_vs_cand"] += 1
+        if deg is None:
+            continue
+        for d, m_d in zip(deg_ids, measure(deg, g).tolist(), strict=True):
+            winners = [i for i in range(len(cands)) if relative_margin(m_c[i], m_d) >= lc.min_margin]
+            if not winners:
+                counts["below_margin.cand_vs_degraded"] += 1
+                continue
+            i = winners[int(pick.integers(len(winners)))]
+            emit(criterion, "cand_vs_degraded", cand_ids[i], d, m_c[i], m_d)
+    return rows, counts
+
+
+def imported_pairs(export: object, conds: dict[str, dict], by_cond: dict[str, list[dict]], lc: LabelsConfig
+                   ) -> tuple[list[dict], list[labelstudio.Rejected]]:
+    """Rows of schema.PREFERENCES from a Label Studio export; the entries that fail validation, each by id."""
+    criteria = lc.criteria.model_dump()
+    known = {cid: (c["task"], {x["candidate_id"] for x in by_cond.get(cid, [])}) for cid, c in conds.items()}
+    judged, rejected = labelstudio.parse_export(export, known, criteria)
+    pngs = {x["candidate_id"]: x["image"] for cands in by_cond.values() for x in cands}
+    grounds: dict[str, Ground] = {}
+    rows = []
+    for j in judged:
+        cond = conds[j.condition_id]
+        margin = float("nan")
+        if cond["target"] is not None:
+            g = grounds.setdefault(j.condition_id, Ground.of(cond))
+            m = MEASURES[j.criterion](mdata.to_tensor([pngs[j.winner_id], pngs[j.loser_id]]), g).tolist()
+            margin = m[1] - m[0]
+        rows.append({"pair_id": j.pair_id, "condition_id": j.condition_id, "task": cond["task"],
+                     "criterion": j.criterion, "kind": "cand_vs_cand", "winner_id": j.winner_id,
+                     "loser_id": j.loser_id, "winner_image": pngs[j.winner_id], "loser_image": pngs[j.loser_id],
+                     "labeller": "import", "confidence": j.confidence, "margin": margin, "split": cond["split"]})
+    return rows, rejected
+
+
+def report(rows: list[dict], counts: Counter[str]) -> dict:
+    """Pairs and mean margin per task, criterion and kind, and the counts of what was left out."""
+    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["criterion"], r["kind"])].append(r["margin"])
+    pairs: dict[str, dict[str, dict[str, int]]] = {}
+    margins: dict[str, dict[str, dict[str, float | None]]] = {}
+    for (task, criterion, kind), ms in sorted(groups.items()):
+        pairs.setdefault(task, {}).setdefault(criterion, {})[kind] = len(ms)
+        finite = [m for m in ms if math.isfinite(m)]
+        margins.setdefault(task, {}).setdefault(criterion, {})[kind] = float(np.mean(finite)) if finite else None
+    return {"pairs": len(rows), "by_kind": dict(Counter(r["kind"] for r in rows)), "pairs_by_cell": pairs,
+            "mean_margin": margins, **dict(sorted(counts.items()))}
+
+
+def label_preferences(ctx: StageContext) -> dict[str, float]:
+    s = ctx.settings
+    lc: LabelsConfig = s.labels
+    cond_art, cand_art = ctx.inputs["conditions"], ctx.inputs["candidates"]
+    cond_tbl, cand_tbl = cond_art.read_table(), cand_art.read_table()
+    schema.check_columns(cond_tbl, schema.CONDITIONS, f"conditions artifact {cond_art.uri}")
+    schema.check_columns(cand_tbl, CANDIDATES, f"candidates artifact {cand_art.uri}")
+    conds = {r["condition_id"]: r for r in cond_tbl.to_pylist()}
+    by_cond: dict[str, list[dict]] = defaultdict(list)
+    for c in sorted(cand_tbl.to_pylist(), key=lambda c: c["candidate_id"]):
+        if c["condition_id"] not in conds:
+            raise ValueError(f"candidate {c['candidate_id']!r} names condition {c['condition_id']!r}, "
+                             f"which the conditions artifact {cond_art.uri} does not hold")
+        by_cond[c["condition_id"]].append(c)
+
+    out = ctx.outputs["preferences"]
+    counts: Counter[str] = Counter({"conditions": len(by_cond)})
+    rows: list[dict] = []
+    if lc.kind == "auto":
+        for cid in sorted(by_cond):
+            if conds[cid]["target"] is None:
+                counts["conditions.no_target"] += 1
+                continue
+            made, c = auto_pairs(conds[cid], by_cond[cid], lc, s.seed)
+            rows.extend(made)
+            counts.update(c)
+    else:
+        try:
+            export = json.loads(storage.read_bytes(lc.import_uri))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"labels.import_uri {lc.import_uri}: not a JSON file: {e}") from None
+        rows, rejected = imported_pairs(export, conds, by_cond, lc)
+        bad = [{"entry": r.entry, "pair_id": r.pair_id, "reason": r.reason, "detail": r.detail} for r in rejected]
+        out.write_table(schema.table(bad, schema.REJECTED_LABELS), "rejected")
+        out.write_json("rejected.json", bad)
+        counts["rejected"] = len(bad)
+        counts.update(f"rejected.{r.reason}" for r in rejected)
+    if not rows:
+        raise ValueError(f"label_preferences ({lc.kind}) made no pairs: {dict(counts)}")
+    for i in range(0, len(rows), SHARD_ROWS):
+        out.write_table(schema.table(rows[i : i + SHARD_ROWS], schema.PREFERENCES))
+    rep = report(rows, counts)
+    out.write_json("report.json", rep)
+    tracking.log_dict(rep, "preferences_report.json")
+    metrics: dict[str, float] = {"pairs": len(rows), **{f"pairs.{k}": n for k, n in rep["by_kind"].items()},
+                                 **{k: float(v) for k, v in counts.items()}}
+    for task, crits in rep["pairs_by_cell"].items():
+        for criterion, kinds in crits.items():
+            for kind, n in kinds.items():
+                metrics[f"pairs.{task}.{criterion}.{kind}"] = n
+                margin = rep["mean_margin"][task][criterion][kind]
+                if margin is not None:
+                    metrics[f"margin.{task}.{criterion}.{kind}"] = margin
+    return metrics
+
+
+def import_fingerprint(s: Settings) -> str | None:
+    """The bytes of the Label Studio export: new labels at an unchanged URI are new data."""
+    uri = s.labels.import_uri
+    if s.labels.kind != "import" or not uri:
+        return None
+    return hashlib.sha256(storage.read_bytes(uri) if storage.exists(uri) else b"").hexdigest()[:16]
