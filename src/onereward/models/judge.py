@@ -1,0 +1,159 @@
+"""The one VLM judge (OneReward): "is image 1 better than image 2 for task T on criterion C?", reward = P(Yes).
+
+The tiny judge is a transformers Qwen2-VL built from a small config, with a word-level tokenizer trained
+locally on the query vocabulary. Images go into the model's pixel layout with torch operations only
+(resize, normalise, patchify), so a gradient flows from P(Yes) back into generated pixels: the RL stage
+needs that path, and the PIL/numpy image processor would cut it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+META = "judge.json"
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+YES, NO = "yes", "no"
+SPECIALS = ["[PAD]", "[UNK]", IMAGE_PAD, VISION_START, VISION_END, YES, NO]
+# The CLIP normalisation Qwen2-VL's image processor applies.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class JudgeShape:
+    image_size: int = 32
+    patch_size: int = 4
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    vision_dim: int = 64
+    vision_depth: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    heads: int = 4
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.grid // self.merge_size) ** 2
+
+
+def query_words(task: str, criterion: str) -> list[str]:
+    """The question, as words of the local vocabulary; each image is a run of image tokens."""
+    image = [VISION_START, IMAGE_PAD, VISION_END]  # IMAGE_PAD is repeated to the image's token count
+    return ["task", task, "criterion", *criterion.split("_"), "is", "image", "1", "better", "than", "image", "2",
+            "?", "image", "1", *image, "image", "2", *image, "answer"]
+
+
+def build_tokenizer(tasks_criteria: list[tuple[str, str]]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t, c in tasks_criteria for w in query_words(t, c)} - set(SPECIALS))
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", padding_side="left")
+
+
+def pixel_values(images: torch.Tensor, shape: JudgeShape) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> Qwen2-VL's flattened patches (B * grid², 3 * t * p * p), in torch ops only
+    (differentiable), in the order Qwen2VLImageProcessor produces."""
+    s, p, m, t = shape.image_size, shape.patch_size, shape.merge_size, shape.temporal_patch_size
+    x = (images + 1) / 2
+    if x.shape[-1] != s or x.shape[-2] != s:
+        x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    x = (x - mean) / std
+    b, c, g = x.shape[0], x.shape[1], shape.grid
+    x = x[:, None].expand(b, t, c, s, s)  # a still image is its own temporal pair
+    x = x.reshape(b, t, c, g // m, m, p, g // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # b, gh, gw, mh, mw, c, t, ph, pw
+    return x.reshape(b * g * g, c * t * p * p)
+
+
+class TinyJudge:
+    """Pairwise Yes/No judge over a Qwen2-VL built from config."""
+
+    def __init__(self, model, tokenizer, shape: JudgeShape):
+        self.model, self.tokenizer, self.shape = model, tokenizer, shape
+        self.yes_id = tokenizer.convert_tokens_to_ids(YES)
+        self.no_id = tokenizer.convert_tokens_to_ids(NO)
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    @classmethod
+    def build(cls, tasks_criteria: list[tuple[str, str]], shape: JudgeShape = JudgeShape(), seed: int = 0):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        torch.manual_seed(seed)
+        tk = build_tokenizer(tasks_criteria)
+        head_dim = shape.text_hidden // shape.heads
+        third = head_dim // 2 // 3
+        config = Qwen2VLConfig(
+            vision_config={"depth": shape.vision_depth, "embed_dim": shape.vision_dim,
+                           "hidden_size": shape.text_hidden, "num_heads": shape.heads, "mlp_ratio": 2,
+                           "patch_size": shape.patch_size, "spatial_merge_size": shape.merge_size,
+                           "temporal_patch_size": shape.temporal_patch_size},
+            text_config={"vocab_size": len(tk), "hidden_size": shape.text_hidden,
+                         "intermediate_size": shape.text_hidden * 2, "num_hidden_layers": shape.text_layers,
+                         "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads,
+                         "max_position_embeddings": 512, "tie_word_embeddings": True,
+                         "bos_token_id": None, "eos_token_id": None,
+                         # mrope splits the rotary half-dimension into (time, height, width) sections
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                             "mrope_section": [head_dim // 2 - 2 * third, third, third]}},
+            image_token_id=tk.convert_tokens_to_ids(IMAGE_PAD),
+            vision_start_token_id=tk.convert_tokens_to_ids(VISION_START),
+            vision_end_token_id=tk.convert_tokens_to_ids(VISION_END),
+            pad_token_id=tk.pad_token_id,
+        )
+        return cls(Qwen2VLForConditionalGeneration(config), tk, shape)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def _inputs(self, tasks: list[str], criteria: list[str]) -> dict[str, torch.Tensor]:
+        n = self.shape.tokens_per_image
+        texts = [" ".join(w for word in query_words(t, c) for w in ([word] * n if word == IMAGE_PAD else [word]))
+                 for t, c in zip(tasks, criteria, strict=True)]
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        return {"input_ids": ids, "attention_mask": enc["attention_mask"],
+                "mm_token_type_ids": (ids == self.image_id).long()}
+
+    def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, tasks: list[str], criteria: list[str]) -> torch.Tensor:
+        """P(Yes | image 1 better than image 2 for (task, criterion)), one value a row, differentiable in
+        the images; the Yes/No softmax at the answer position."""
+        b = image1.shape[0]
+        both = torch.stack([image1, image2], dim=1).flatten(0, 1)  # image 1, image 2 of row 0, then row 1...
+        g = self.shape.grid
+        grid = torch.tensor([[1, g, g]] * (2 * b))
+        out = self.model(**self._inputs(tasks, criteria), pixel_values=pixel_values(both, self.shape).to(
+            self.model.dtype), image_grid_thw=grid, logits_to_keep=1)
+        logits = out.logits[:, -1, [self.yes_id, self.no_id]].float()
+        return logits.softmax(-1)[:, 0]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path / "model", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        (path / META).write_text(json.dumps({"kind": "tiny_qwen2_vl", "shape": self.shape.__dict__}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TinyJudge:
+        from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+
+        path = Path(path)
+        meta = json.loads((path / META).read_text())
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path / "model", use_safetensors=True,
+                                                                local_files_only=True)
+        tk = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        return cls(model, tk, JudgeShape(**meta["shape"]))

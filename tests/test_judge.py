@@ -1,0 +1,46 @@
+"""The tiny VLM judge (models/judge.py): Qwen2-VL's pixel layout built with torch ops (so gradients reach
+generated pixels, as RL needs), batched scoring equal to one pair at a time, safetensors round trip."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from onereward.models.judge import JudgeShape, TinyJudge, pixel_values
+
+CELLS = [("fill", "alignment"), ("removal", "removal_quality"), ("text", "text_correctness")]
+
+
+def test_torch_patchify_matches_the_qwen2_vl_image_processor():
+    from transformers import Qwen2VLImageProcessorPil
+
+    arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    proc = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                    max_pixels=32 * 32)
+    ref = proc(images=[Image.fromarray(arr)], return_tensors="pt")
+    assert ref["image_grid_thw"].tolist() == [[1, 8, 8]]
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+    mine = pixel_values(x, JudgeShape())
+    assert mine.shape == ref["pixel_values"].shape == (64, 96)
+    assert torch.allclose(mine, ref["pixel_values"], atol=1e-5)
+
+
+def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_path):
+    judge = TinyJudge.build(CELLS, seed=0)
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
+    b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    tasks, criteria = [t for t, _ in CELLS], [c for _, c in CELLS]  # queries of different lengths: padding
+    p = judge.p_yes(a, b, tasks, criteria)
+    assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
+    single = torch.stack([judge.p_yes(a[i : i + 1].detach(), b[i : i + 1], [tasks[i]], [criteria[i]])[0]
+                          for i in range(3)])
+    assert torch.allclose(single, p.detach(), atol=1e-5)
+    p.sum().backward()  # the RL path: P(Yes) back through the vision tower into the generated pixels
+    assert a.grad is not None and float(a.grad.abs().sum()) > 0
+    swapped = judge.p_yes(b, a.detach(), tasks, criteria)
+    assert not torch.allclose(swapped, p.detach())  # the order of the images matters to the query
+
+    judge.save(tmp_path / "judge")
+    again = TinyJudge.load(tmp_path / "judge")
+    assert torch.allclose(again.p_yes(a.detach(), b, tasks, criteria), p.detach(), atol=1e-6)
+    assert list((tmp_path / "judge" / "model").glob("*.safetensors"))
