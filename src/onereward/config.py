@@ -165,6 +165,20 @@ class LabelsConfig(Strict):
         return self
 
 
+class RewardConfig(Strict):
+    """The judge (train_reward): a tiny Qwen2-VL on `tiny`, trained on both orders of each labelled pair."""
+
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(32, ge=1)  # pairs a step; each is seen in both orders
+    lr: float = Field(1e-3, gt=0)
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
+    eval_every: int = Field(250, ge=1)
+    # sanity gate on held-out pairs, per task; a judge below either is not registered
+    min_target_vs_base: float = Field(0.7, ge=0, le=1)
+    min_base_vs_collapsed: float = Field(0.9, ge=0, le=1)
+    model_name: str = "onereward-reward-model"
+
+
 class Resources(Strict):
     gpu_node_pool: str = "gpu-pool"
     gpu_type: str = "nvidia.com/gpu"
@@ -200,6 +214,7 @@ class Settings(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     resources: Resources = Field(default_factory=Resources)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -132,14 +132,18 @@ class TinyJudge:
     def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, tasks: list[str], criteria: list[str]) -> torch.Tensor:
         """P(Yes | image 1 better than image 2 for (task, criterion)), one value a row, differentiable in
         the images; the Yes/No softmax at the answer position."""
+        return self.yes_no_logits(image1, image2, tasks, criteria).softmax(-1)[:, 0]
+
+    def yes_no_logits(self, image1: torch.Tensor, image2: torch.Tensor, tasks: list[str],
+                      criteria: list[str]) -> torch.Tensor:
+        """(B, 2) logits of Yes and No at the answer position (the training loss is a 2-way cross-entropy)."""
         b = image1.shape[0]
         both = torch.stack([image1, image2], dim=1).flatten(0, 1)  # image 1, image 2 of row 0, then row 1...
         g = self.shape.grid
         grid = torch.tensor([[1, g, g]] * (2 * b))
         out = self.model(**self._inputs(tasks, criteria), pixel_values=pixel_values(both, self.shape).to(
             self.model.dtype), image_grid_thw=grid, logits_to_keep=1)
-        logits = out.logits[:, -1, [self.yes_id, self.no_id]].float()
-        return logits.softmax(-1)[:, 0]
+        return out.logits[:, -1, [self.yes_id, self.no_id]].float()
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 from onereward.data.images import to_png
 
 SERVING_CODE = Path(__file__).resolve().parents[1] / "serving.py"
+JUDGE_CODE = Path(__file__).resolve().parents[1] / "serving_judge.py"
 PIP_REQUIREMENTS = ["torch==2.13.0", "diffusers==0.42.1", "transformers==5.24.0", "safetensors==0.8.0",
                     "pillow==13.0.0", "onereward==0.1.0"]
 
@@ -23,19 +24,13 @@ def example_input(image_size: int):
                          "mask": [base64.b64encode(to_png(mask)).decode()], "prompt": ["extend"]})
 
 
-def register_generator(model_dir: str | Path, name: str, alias: str, image_size: int,
-                       tags: dict[str, str] | None = None) -> str:
-    """Log the generator folder as a pyfunc under the active run, register it, point `alias` at it."""
+def _log_and_register(code: Path, artifacts: dict[str, str], name: str, alias: str, signature,
+                      tags: dict[str, str] | None) -> str:
     import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
 
-    example = example_input(image_size)
-    signature = infer_signature(example, pd.DataFrame({"image": ["..."]}),
-                                params={"steps": 4, "guidance": 1.0, "negative_prompt": "", "seed": 0})
     info = mlflow.pyfunc.log_model(
-        name="generator", python_model=str(SERVING_CODE), artifacts={"generator": str(model_dir)},
-        signature=signature, pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
+        name=next(iter(artifacts)), python_model=str(code), artifacts=artifacts, signature=signature,
+        pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
     )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
@@ -43,3 +38,32 @@ def register_generator(model_dir: str | Path, name: str, alias: str, image_size:
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, v)
     return version
+
+
+def register_generator(model_dir: str | Path, name: str, alias: str, image_size: int,
+                       tags: dict[str, str] | None = None) -> str:
+    """Log the generator folder as a pyfunc under the active run, register it, point `alias` at it."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(example_input(image_size), pd.DataFrame({"image": ["..."]}),
+                                params={"steps": 4, "guidance": 1.0, "negative_prompt": "", "seed": 0})
+    return _log_and_register(SERVING_CODE, {"generator": str(model_dir)}, name, alias, signature, tags)
+
+
+def judge_example(image_size: int):
+    import numpy as np
+    import pandas as pd
+
+    pngs = [base64.b64encode(to_png(np.full((image_size, image_size, 3), v, np.uint8))).decode() for v in (60, 190)]
+    return pd.DataFrame({"image_a": [pngs[0]], "image_b": [pngs[1]], "task": ["fill"], "criterion": ["alignment"]})
+
+
+def register_judge(model_dir: str | Path, name: str, alias: str, image_size: int,
+                   tags: dict[str, str] | None = None) -> str:
+    """Log the judge folder as a pyfunc scoring (image A, image B, task, criterion) -> P(A better)."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(judge_example(image_size), pd.DataFrame({"p_a_better": [0.5]}))
+    return _log_and_register(JUDGE_CODE, {"judge": str(model_dir)}, name, alias, signature, tags)

@@ -1,0 +1,36 @@
+"""MLflow pyfunc for the judge, logged as "models from code" (no pickled Python objects).
+
+Input: a DataFrame with columns `image_a`, `image_b` (base64 PNG), `task`, `criterion`.
+Output: a DataFrame with column `p_a_better`: P(image A better than B), asked in both orders and averaged
+(OneReward's reward is the judge's P(Yes); averaging the two orders removes the position bias).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import mlflow
+import pandas as pd
+
+
+class JudgeModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        from onereward.models.judge import TinyJudge
+
+        self.judge = TinyJudge.load(context.artifacts["judge"])
+        self.judge.model.eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        import torch
+
+        from onereward.models.data import to_tensor
+
+        a = to_tensor([base64.b64decode(v) for v in model_input["image_a"]])
+        b = to_tensor([base64.b64decode(v) for v in model_input["image_b"]])
+        tasks, criteria = list(model_input["task"]), list(model_input["criterion"])
+        with torch.no_grad():
+            p = (self.judge.p_yes(a, b, tasks, criteria) + 1 - self.judge.p_yes(b, a, tasks, criteria)) / 2
+        return pd.DataFrame({"p_a_better": p.numpy()})
+
+
+mlflow.models.set_model(JudgeModel())
