@@ -11,7 +11,7 @@ from rich.console import Console
 from onereward import storage, tracking
 from onereward.config import Settings
 from onereward.pipeline import GRAPH, Graph, Stage
-from onereward.stages import StageContext, StageNotImplemented, StageSettings
+from onereward.stages import GateFailed, StageContext, StageNotImplemented, StageSettings
 
 console = Console(stderr=True)
 
@@ -81,7 +81,11 @@ def execute_stage(
     try:
         with tracking.stage_run(settings.tracking.experiment, stage.name, params, inputs, outputs):
             tracking.set_tags({"artifact_key": key})
-            metrics = stage.load()(ctx) or {}
+            try:
+                metrics = stage.load()(ctx) or {}
+            except GateFailed as e:
+                tracking.log_metrics(e.metrics)
+                raise
             for w in writers.values():
                 w.meta["run_id"] = tracking.active_run_id()
                 w.commit()

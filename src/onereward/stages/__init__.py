@@ -14,6 +14,15 @@ class StageNotImplemented(NotImplementedError):
     pass
 
 
+class GateFailed(ValueError):
+    """A stage's gate refused its result. The runner logs `metrics` to the stage's MLflow run before the stage
+    fails, so the numbers behind the refusal are kept while nothing is written or registered."""
+
+    def __init__(self, message: str, metrics: dict[str, float]):
+        super().__init__(message)
+        self.metrics = metrics
+
+
 class UndeclaredConfigError(AttributeError):
     """A stage read a configuration section that is not part of its cache key."""
 

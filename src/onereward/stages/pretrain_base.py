@@ -22,7 +22,7 @@ from onereward.config import TASKS, PretrainConfig, Settings
 from onereward.models import data as mdata
 from onereward.models.generator import MaskedFlowGenerator, TinyUNetGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
-from onereward.stages import StageContext
+from onereward.stages import GateFailed, StageContext
 
 
 def load_conditions(art: storage.Artifact, split: str) -> list[dict]:
@@ -61,7 +61,7 @@ def evaluate_generator(gen: MaskedFlowGenerator, by_task: dict[str, list[dict]],
     return metrics, grids
 
 
-class BaseGateFailed(ValueError):
+class BaseGateFailed(GateFailed):
     """The trained base does not beat the trivial baselines on held-out conditions: nothing is registered."""
 
 
@@ -77,7 +77,7 @@ def check_gate(metrics: dict[str, float], tasks: list[str]) -> None:
             failed.append(f"{task}: {measure} {own:.4f} is not {better} than the baselines ({base})")
     if failed:
         raise BaseGateFailed("pretrain_base: the base generator fails its held-out gate (pretrain.gate_tasks); "
-                             "train longer or relax the gate. " + "; ".join(failed))
+                             "train longer or relax the gate. " + "; ".join(failed), metrics)
 
 
 def _save_checkpoint(uri: str, gen, opt, step: int, rng: torch.Generator) -> None:
@@ -180,11 +180,7 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     gen = train(ctx, train_rows, [*prompts, s.generator.negative_prompt])
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
-    try:
-        check_gate(metrics, s.pretrain.gate_tasks)
-    except BaseGateFailed:
-        tracking.log_metrics(metrics)  # the numbers reach MLflow although the stage fails
-        raise
+    check_gate(metrics, s.pretrain.gate_tasks)
     out = ctx.outputs["base_model"]
     gen.save(out.dir / "model")
     out.write_json("heldout_metrics.json", metrics)

@@ -31,10 +31,10 @@ from onereward import tracking
 from onereward.models import data as mdata
 from onereward.models.judge import TinyJudge
 from onereward.models.registry import register_judge
-from onereward.stages import StageContext
+from onereward.stages import GateFailed, StageContext
 
 
-class JudgeGateFailed(ValueError):
+class JudgeGateFailed(GateFailed):
     """The judge fails its held-out sanity gate: it is not registered."""
 
 
@@ -109,7 +109,7 @@ def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, m
                 failed.append(f"{task}: P({name}) {value:.3f} < {floor}")
     if failed:
         raise JudgeGateFailed("train_reward: the judge fails its held-out sanity gate (reward.min_*); it is not "
-                              "registered. " + "; ".join(failed))
+                              "registered. " + "; ".join(failed), metrics)
 
 
 def train_reward(ctx: StageContext) -> dict[str, float]:
@@ -150,11 +150,7 @@ def train_reward(ctx: StageContext) -> dict[str, float]:
     metrics = evaluate_judge(judge, held)
     metrics["train_seconds"] = time.perf_counter() - t0
     print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1), flush=True)
-    try:
-        check_gate(metrics, sorted({t for t, _ in cells}), r.min_target_vs_base, r.min_base_vs_collapsed)
-    except JudgeGateFailed:
-        tracking.log_metrics(metrics)
-        raise
+    check_gate(metrics, sorted({t for t, _ in cells}), r.min_target_vs_base, r.min_base_vs_collapsed)
     out = ctx.outputs["reward_model"]
     judge.save(out.dir / "judge")
     out.write_json("heldout_metrics.json", metrics)
