@@ -2,12 +2,14 @@
 generated pixels, as RL needs), batched scoring equal to one pair at a time, safetensors round trip."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from onereward.models.judge import JudgeShape, TinyJudge, pixel_values
+from onereward.models.judge import ARCHS, JudgeShape, Query, TinyJudge, pixel_values
 
 CELLS = [("fill", "alignment"), ("removal", "removal_quality"), ("text", "text_correctness")]
+PROMPTS = ["fill red circle", "remove blue square", 'text "A7"']
 
 
 def test_torch_patchify_matches_the_qwen2_vl_image_processor():
@@ -24,23 +26,36 @@ def test_torch_patchify_matches_the_qwen2_vl_image_processor():
     assert torch.allclose(mine, ref["pixel_values"], atol=1e-5)
 
 
-def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_path):
-    judge = TinyJudge.build(CELLS, seed=0)
+def test_a_context_frame_is_the_first_frame_of_each_patch():
+    g = torch.Generator().manual_seed(0)
+    x, ctx = (torch.rand(2, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    clip = pixel_values(x, JudgeShape(), ctx).reshape(-1, 3, 2, 4, 4)  # rows: patches; (c, t, p, p)
+    assert torch.allclose(clip[:, :, 0], pixel_values(ctx, JudgeShape()).reshape(-1, 3, 2, 4, 4)[:, :, 0])
+    assert torch.allclose(clip[:, :, 1], pixel_values(x, JudgeShape()).reshape(-1, 3, 2, 4, 4)[:, :, 1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_path, arch):
+    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
     g = torch.Generator().manual_seed(1)
     a = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
-    b = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
-    tasks, criteria = [t for t, _ in CELLS], [c for _, c in CELLS]  # queries of different lengths: padding
-    p = judge.p_yes(a, b, tasks, criteria)
+    b, ctx = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    # queries of different lengths: padding
+    q = Query([t for t, _ in CELLS], [c for _, c in CELLS], PROMPTS, ctx)
+    p = judge.p_yes(a, b, q)
     assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
-    single = torch.stack([judge.p_yes(a[i : i + 1].detach(), b[i : i + 1], [tasks[i]], [criteria[i]])[0]
-                          for i in range(3)])
+    single = torch.stack([judge.p_yes(a[i : i + 1].detach(), b[i : i + 1], q[i : i + 1])[0] for i in range(3)])
     assert torch.allclose(single, p.detach(), atol=1e-5)
     p.sum().backward()  # the RL path: P(Yes) back through the vision tower into the generated pixels
     assert a.grad is not None and float(a.grad.abs().sum()) > 0
-    swapped = judge.p_yes(b, a.detach(), tasks, criteria)
+    swapped = judge.p_yes(b, a.detach(), q)
     assert not torch.allclose(swapped, p.detach())  # the order of the images matters to the query
+    other = judge.p_yes(a.detach(), b, Query(q.tasks, q.criteria, ["fill blue square"] * 3, ctx))
+    assert not torch.allclose(other, p.detach())  # so do the prompt's words
+    assert not torch.allclose(judge.p_yes(a.detach(), b, Query(q.tasks, q.criteria, PROMPTS, -ctx)), p.detach())
 
     judge.save(tmp_path / "judge")
     again = TinyJudge.load(tmp_path / "judge")
-    assert torch.allclose(again.p_yes(a.detach(), b, tasks, criteria), p.detach(), atol=1e-6)
+    assert again.shape.arch == arch
+    assert torch.allclose(again.p_yes(a.detach(), b, q), p.detach(), atol=1e-6)
     assert list((tmp_path / "judge" / "model").glob("*.safetensors"))

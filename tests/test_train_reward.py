@@ -1,5 +1,6 @@
-"""train_reward on constructed preferences: the judge learns a visible rule on held-out conditions, is saved
-as safetensors, and a judge trained on too little fails the sanity gate and is not registered."""
+"""train_reward and train_audit_reward on constructed preferences: each judge learns a visible rule on
+held-out conditions, is saved as safetensors and registered under its own name; a judge trained on too little
+fails the sanity gate and is not registered."""
 
 import io
 from dataclasses import replace
@@ -16,9 +17,11 @@ from onereward.runner import execute_stage
 from onereward.stages.train_reward import JudgeGateFailed
 
 TASKS = {"fill": "alignment", "removal": "removal_quality"}
-# the graph still marks train_reward pending (its judge does not pass the gate on tiny yet): run the function
-STAGE = replace(GRAPH.get("train_reward"), func="onereward.stages.train_reward:train_reward")
 KIND_OF = ("target_vs_cand", "cand_vs_degraded", "cand_vs_cand")
+GATED = "reward.gate_tasks=[fill, removal]"  # the tasks these preferences have
+# the graph still marks both judge stages pending (on tiny they do not pass the gate in budget): run the functions
+STAGES = {name: replace(GRAPH.get(name), func=f"onereward.stages.train_reward:{name}")
+          for name in ("train_reward", "train_audit_reward")}
 
 
 def _png(level: float, rng: np.random.Generator) -> bytes:
@@ -29,11 +32,14 @@ def _png(level: float, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def _preferences(uri: str, conditions: int, seed: int = 0) -> None:
+def _preferences(uri: str, conditions_uri: str, conditions: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    rows = []
+    rows, conds = [], []
     for c in range(conditions):
         task = list(TASKS)[c % 2]
+        conds.append({"condition_id": f"c{c}", "image_id": f"i{c}", "task": task, "image": _png(0.5, rng),
+                      "mask": _mask(), "prompt": "fill red" if task == "fill" else "remove red circle",
+                      "target": None, "mask_coverage": 0.25, "split": "train", "params": "{}"})
         for k in range(3):
             hi, lo = rng.uniform(0.6, 0.9), rng.uniform(0.1, 0.4)
             rows.append({"pair_id": f"c{c}-{k}", "condition_id": f"c{c}", "task": task, "criterion": TASKS[task],
@@ -42,18 +48,33 @@ def _preferences(uri: str, conditions: int, seed: int = 0) -> None:
                          "confidence": 0.9, "margin": float(hi - lo), "split": "train"})
     with storage.writing(uri, key=f"prefs-{conditions}-{seed}") as w:
         w.write_table(schema.table(rows, schema.PREFERENCES))
+    with storage.writing(conditions_uri, key=f"conds-{conditions}-{seed}") as w:
+        w.write_table(schema.table(conds, schema.CONDITIONS))
 
 
-def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path):
-    prefs, out = str(tmp_path / "prefs"), str(tmp_path / "judge")
-    _preferences(prefs, 80)
-    s = load_config("tiny", ["reward.steps=150", "reward.batch_size=16", "reward.eval_every=1000"])
-    outcome = execute_stage(STAGE, s, {"preferences": prefs}, {"reward_model": out})
+def _mask() -> bytes:
+    arr = np.zeros((32, 32), np.uint8)
+    arr[8:24, 8:24] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("stage", "output", "name", "alias", "prefix"), [
+    ("train_reward", "reward_model", "onereward-reward-model", "training", ""),
+    ("train_audit_reward", "audit_model", "onereward-reward-model-audit", "audit", "audit."),
+])
+def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path, stage, output, name, alias, prefix):
+    prefs, conds, out = str(tmp_path / "prefs"), str(tmp_path / "conds"), str(tmp_path / "judge")
+    _preferences(prefs, conds, 80)
+    s = load_config("tiny", ["reward.steps=150", "reward.batch_size=16", "reward.eval_every=1000", GATED])
+    outcome = execute_stage(STAGES[stage], s, {"preferences": prefs, "conditions": conds}, {output: out})
     m = outcome.metrics
-    assert m["heldout.pairs"] >= 20 and m["heldout.acc.mean"] >= 0.9, m  # held out: other conditions
-    assert m["heldout.order_gap"] <= 0.2 and m["sanity.fill.target_vs_base"] >= 0.7, m
-    assert storage.Artifact(out).files("judge/model/") and storage.Artifact(out).read_json("heldout_metrics.json")
-    # registered as a pyfunc scoring (image A, image B, task, criterion) -> P(A better)
+    assert m[f"{prefix}heldout.pairs"] >= 20 and m[f"{prefix}heldout.acc.mean"] >= 0.9, m  # other conditions
+    assert m[f"{prefix}heldout.order_gap"] <= 0.2 and m[f"{prefix}sanity.fill.target_vs_base"] >= 0.7, m
+    art = storage.Artifact(out)
+    assert art.files("judge/model/") and art.read_json("heldout_metrics.json") and "calibration.png" in art.files()
+    # registered as a pyfunc scoring (image A, image B, task, criterion, prompt, masked input) -> P(A better)
     import mlflow
 
     from onereward import tracking
@@ -61,14 +82,36 @@ def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path):
 
     tracking.setup("onereward")
     example = judge_example(32)  # image A dark (60), image B bright (190): the rule says B is better
-    p = mlflow.pyfunc.load_model("models:/onereward-reward-model@training").predict(example)["p_a_better"]
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
+    p = model.predict(example)["p_a_better"]
     assert 0 < float(p[0]) < 0.3, p
+    shape = mlflow.MlflowClient().get_model_version_by_alias(name, alias).tags
+    assert shape["arch"] == ("qwen2_vl" if stage == "train_reward" else "qwen2_5_vl"), shape
+
+
+def test_judges_hold_out_different_conditions():
+    from onereward.stages.train_reward import _heldout
+
+    s = load_config("tiny")
+    r = s.reward
+    held = [{c for c in map(str, range(500)) if _heldout(c, r.heldout_fraction, spec.split_seed)}
+            for spec in (r.judge, r.audit)]
+    assert 0.1 < len(held[0]) / 500 < 0.3 and len(held[0] & held[1]) < 0.5 * len(held[0])
+    with pytest.raises(ValueError, match="differ from reward.judge in both arch and split_seed"):
+        load_config("tiny", ["reward.audit.arch=qwen2_vl"])
 
 
 def test_judge_trained_on_too_little_fails_the_gate_and_is_not_registered(home, tmp_path):
-    prefs, out = str(tmp_path / "prefs"), str(tmp_path / "judge")
-    _preferences(prefs, 40, seed=1)
-    s = load_config("tiny", ["reward.steps=2", "reward.batch_size=4"])
+    prefs, conds, out = str(tmp_path / "prefs"), str(tmp_path / "conds"), str(tmp_path / "judge")
+    _preferences(prefs, conds, 40, seed=1)
+    s = load_config("tiny", ["reward.steps=2", "reward.batch_size=4", GATED])
     with pytest.raises(JudgeGateFailed, match=r"removal: P\(target_vs_base\)|fill: P\("):
-        execute_stage(STAGE, s, {"preferences": prefs}, {"reward_model": out})
+        execute_stage(STAGES["train_reward"], s, {"preferences": prefs, "conditions": conds},
+                      {"reward_model": out})
     assert not storage.Artifact(out).exists()
+    import mlflow
+
+    from onereward import tracking
+
+    tracking.setup("onereward")
+    assert not mlflow.MlflowClient().search_model_versions("name='onereward-reward-model'")

@@ -165,18 +165,41 @@ class LabelsConfig(Strict):
         return self
 
 
+class JudgeSpec(Strict):
+    """One judge: its architecture, which conditions it holds out, and the registered model's name."""
+
+    arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
+    split_seed: int = 0  # which conditions are held out (hash of seed and condition id)
+    model_name: str = "onereward-reward-model"
+
+
 class RewardConfig(Strict):
-    """The judge (train_reward): a tiny Qwen2-VL on `tiny`, trained on both orders of each labelled pair."""
+    """The judges (train_reward, train_audit_reward): tiny VLMs on `tiny`, trained on both orders of each
+    labelled pair. The audit judge differs from the training judge in architecture and held-out split."""
 
     steps: int = Field(1500, ge=1)
     batch_size: int = Field(32, ge=1)  # pairs a step; each is seen in both orders
     lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
     eval_every: int = Field(250, ge=1)
     # sanity gate on held-out pairs, per task; a judge below either is not registered
     min_target_vs_base: float = Field(0.7, ge=0, le=1)
     min_base_vs_collapsed: float = Field(0.9, ge=0, le=1)
-    model_name: str = "onereward-reward-model"
+    gate_tasks: list[Task] = Field(default_factory=lambda: ["fill", "extend", "removal", "text"])
+    judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    audit: JudgeSpec = Field(default_factory=lambda: JudgeSpec(
+        arch="qwen2_5_vl", split_seed=1, model_name="onereward-reward-model-audit"))
+
+    @model_validator(mode="after")
+    def _audit_differs(self) -> RewardConfig:
+        a, j = self.audit, self.judge
+        if a.arch == j.arch or a.split_seed == j.split_seed:
+            # two judges differing only by seed were measured to share their blind spots
+            raise ValueError("reward.audit must differ from reward.judge in both arch and split_seed")
+        if a.model_name == j.model_name:
+            raise ValueError("reward.audit.model_name must differ from reward.judge.model_name")
+        return self
 
 
 class Resources(Strict):

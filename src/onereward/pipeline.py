@@ -139,16 +139,20 @@ GRAPH = Graph((
           (Output("preferences"),), ("seed", "labels"),
           description="winner/loser per (task, criterion) from a pluggable labeller",
           fingerprint="onereward.stages.label_preferences:import_fingerprint"),
-    # stages/train_reward.py works (tests/test_train_reward.py) but its judge does not yet pass the sanity
-    # gate within the tiny profile's budget, so `make run` stops here until it does (issue 9)
-    Stage("train_reward", _pending("train_reward"), ("preferences",),
+    # stages/train_reward.py works (tests/test_train_reward.py), but on the tiny profile's own pairs its judges
+    # do not pass the sanity gate within a budget `make run` can afford, so the graph stops before them until
+    # they do (issue 9; learning curves in the issue's notes)
+    Stage("train_reward", _pending("train_reward"), ("preferences", "conditions"),
           (Output("reward_model", "Model"),), ("seed", "reward"), GPU,
           description="train the VLM judge on Yes/No; sanity gate; register it"),
-    Stage("rl_finetune", _pending("rl_finetune"), ("conditions", "base_model", "reward_model"),
+    Stage("train_audit_reward", _pending("train_audit_reward"), ("preferences", "conditions"),
+          (Output("audit_model", "Model"),), ("seed", "reward"), GPU,
+          description="a second judge (other architecture and split) to catch reward hacking; same gate"),
+    Stage("rl_finetune", _pending("rl_finetune"), ("conditions", "base_model", "reward_model", "audit_model"),
           (Output("policy", "Model"),), ("seed",), GPU, description="OneReward multi-task RL"),
     Stage("distill", _pending("distill"), ("conditions", "policy"), (Output("student", "Model"),),
           ("seed",), GPU, description="few-step student with CFG folded in"),
-    Stage("evaluate", _pending("evaluate"), ("conditions", "student", "reward_model"),
+    Stage("evaluate", _pending("evaluate"), ("conditions", "student", "reward_model", "audit_model"),
           (Output("evaluation", "Metrics"),), ("seed",), GPU, description="metrics and gates"),
     Stage("promote", _pending("promote"), ("evaluation", "student"), (Output("promotion", "Metrics"),),
           ("seed",), description="registry aliases challenger / champion"),

@@ -1,6 +1,8 @@
 """MLflow pyfunc for the judge, logged as "models from code" (no pickled Python objects).
 
-Input: a DataFrame with columns `image_a`, `image_b` (base64 PNG), `task`, `criterion`.
+Input: a DataFrame with columns `image_a`, `image_b` (base64 PNG), `task`, `criterion`, `prompt` (the
+condition's prompt) and `masked_input` (base64 PNG: the condition's image with the masked region blanked, what
+the judge is shown before each of the two images).
 Output: a DataFrame with column `p_a_better`: P(image A better than B), asked in both orders and averaged
 (OneReward's reward is the judge's P(Yes); averaging the two orders removes the position bias).
 """
@@ -24,12 +26,16 @@ class JudgeModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from onereward.models.data import to_tensor
+        from onereward.models.judge import Query
 
-        a = to_tensor([base64.b64decode(v) for v in model_input["image_a"]])
-        b = to_tensor([base64.b64decode(v) for v in model_input["image_b"]])
-        tasks, criteria = list(model_input["task"]), list(model_input["criterion"])
+        def images(column: str) -> torch.Tensor:
+            return to_tensor([base64.b64decode(v) for v in model_input[column]])
+
+        a, b = images("image_a"), images("image_b")
+        q = Query(list(model_input["task"]), list(model_input["criterion"]), list(model_input["prompt"]),
+                  images("masked_input"))
         with torch.no_grad():
-            p = (self.judge.p_yes(a, b, tasks, criteria) + 1 - self.judge.p_yes(b, a, tasks, criteria)) / 2
+            p = (self.judge.p_yes(a, b, q) + 1 - self.judge.p_yes(b, a, q)) / 2
         return pd.DataFrame({"p_a_better": p.numpy()})
 
 

@@ -196,6 +196,13 @@ def log_image(image: Any, name: str) -> None:
         mlflow.log_image(image, name)
 
 
+def log_figure(figure: Any, name: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_figure(figure, name)
+
+
 def set_tags(tags: dict[str, str]) -> None:
     import mlflow
 

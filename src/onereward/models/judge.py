@@ -1,9 +1,14 @@
-"""The one VLM judge (OneReward): "is image 1 better than image 2 for task T on criterion C?", reward = P(Yes).
+"""The one VLM judge (OneReward): "for task T with prompt P, is image 1 better than image 2 on criterion C?",
+reward = P(Yes).
 
 The tiny judge is a transformers Qwen2-VL built from a small config, with a word-level tokenizer trained
 locally on the query vocabulary. Images go into the model's pixel layout with torch operations only
 (resize, normalise, patchify), so a gradient flows from P(Yes) back into generated pixels: the RL stage
 needs that path, and the PIL/numpy image processor would cut it.
+
+Each image is shown as a two-frame clip, the condition's masked input then the result, the way Qwen2-VL
+takes video: its patch embedding spans two frames (temporal_patch_size 2), so the judge sees where the mask
+is and what was kept at no extra tokens. Without it the judge could only guess which region was generated.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+ARCHS = ("qwen2_vl", "qwen2_5_vl")
+
+
 @dataclass(frozen=True)
 class JudgeShape:
+    arch: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl (windowed vision attention, SwiGLU vision MLP)
     image_size: int = 32
     patch_size: int = 4
     merge_size: int = 2
@@ -45,39 +54,78 @@ class JudgeShape:
         return (self.grid // self.merge_size) ** 2
 
 
-def query_words(task: str, criterion: str) -> list[str]:
+def query_words(task: str, criterion: str, prompt: str) -> list[str]:
     """The question, as words of the local vocabulary; each image is a run of image tokens."""
     image = [VISION_START, IMAGE_PAD, VISION_END]  # IMAGE_PAD is repeated to the image's token count
-    return ["task", task, "criterion", *criterion.split("_"), "is", "image", "1", "better", "than", "image", "2",
-            "?", "image", "1", *image, "image", "2", *image, "answer"]
+    return ["task", task, "prompt", *prompt.split(), "criterion", *criterion.split("_"), "is", "image", "1",
+            "better", "than", "image", "2", "?", "image", "1", *image, "image", "2", *image, "answer"]
 
 
-def build_tokenizer(tasks_criteria: list[tuple[str, str]]):
+def build_tokenizer(tasks_criteria: list[tuple[str, str]], prompts: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for t, c in tasks_criteria for w in query_words(t, c)} - set(SPECIALS))
+    words = {w for t, c in tasks_criteria for w in query_words(t, c, "")} | {w for p in prompts for w in p.split()}
+    words = sorted(words - set(SPECIALS))
     vocab = {w: i for i, w in enumerate([*SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", padding_side="left")
 
 
-def pixel_values(images: torch.Tensor, shape: JudgeShape) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> Qwen2-VL's flattened patches (B * grid², 3 * t * p * p), in torch ops only
-    (differentiable), in the order Qwen2VLImageProcessor produces."""
-    s, p, m, t = shape.image_size, shape.patch_size, shape.merge_size, shape.temporal_patch_size
+def _normalised(images: torch.Tensor, s: int) -> torch.Tensor:
     x = (images + 1) / 2
     if x.shape[-1] != s or x.shape[-2] != s:
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
     std = torch.tensor(STD, dtype=x.dtype, device=x.device)[None, :, None, None]
-    x = (x - mean) / std
+    return (x - mean) / std
+
+
+def pixel_values(images: torch.Tensor, shape: JudgeShape, context: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> Qwen2-VL's flattened patches (B * grid², 3 * t * p * p), in torch ops only
+    (differentiable), in the order Qwen2VLImageProcessor produces. With `context` (B, 3, H, W) each image is
+    the two-frame clip (context, image); without, a still image is its own temporal pair."""
+    s, p, m, t = shape.image_size, shape.patch_size, shape.merge_size, shape.temporal_patch_size
+    x = _normalised(images, s)
     b, c, g = x.shape[0], x.shape[1], shape.grid
-    x = x[:, None].expand(b, t, c, s, s)  # a still image is its own temporal pair
+    if context is None:
+        x = x[:, None].expand(b, t, c, s, s)
+    else:
+        if t != 2:
+            raise ValueError("a context frame needs temporal_patch_size 2")
+        x = torch.stack([_normalised(context, s), x], dim=1)
     x = x.reshape(b, t, c, g // m, m, p, g // m, m, p)
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # b, gh, gw, mh, mw, c, t, ph, pw
     return x.reshape(b * g * g, c * t * p * p)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a batch of questions asks, one entry a row: the task, criterion and prompt of each, and the
+    condition's masked input (B, 3, H, W) in [-1, 1] shown before each image (None: still images)."""
+
+    tasks: list[str]
+    criteria: list[str]
+    prompts: list[str]
+    context: torch.Tensor | None = None
+
+    def __getitem__(self, sl: slice | list[int]) -> Query:
+        pick = (lambda v: v[sl]) if isinstance(sl, slice) else (lambda v: [v[i] for i in sl])
+        ctx = None if self.context is None else self.context[sl]
+        return Query(pick(self.tasks), pick(self.criteria), pick(self.prompts), ctx)
+
+    def __add__(self, other: Query) -> Query:
+        ctx = None if self.context is None else torch.cat([self.context, other.context])
+        return Query(self.tasks + other.tasks, self.criteria + other.criteria, self.prompts + other.prompts, ctx)
+
+
+def _classes(arch: str):
+    import transformers
+
+    if arch == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    return transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
 
 
 class TinyJudge:
@@ -90,18 +138,27 @@ class TinyJudge:
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     @classmethod
-    def build(cls, tasks_criteria: list[tuple[str, str]], shape: JudgeShape = JudgeShape(), seed: int = 0):
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
+    def build(cls, tasks_criteria: list[tuple[str, str]], prompts: list[str], shape: JudgeShape = JudgeShape(),
+              seed: int = 0):
         torch.manual_seed(seed)
-        tk = build_tokenizer(tasks_criteria)
+        tk = build_tokenizer(tasks_criteria, prompts)
         head_dim = shape.text_hidden // shape.heads
         third = head_dim // 2 // 3
-        config = Qwen2VLConfig(
-            vision_config={"depth": shape.vision_depth, "embed_dim": shape.vision_dim,
-                           "hidden_size": shape.text_hidden, "num_heads": shape.heads, "mlp_ratio": 2,
-                           "patch_size": shape.patch_size, "spatial_merge_size": shape.merge_size,
-                           "temporal_patch_size": shape.temporal_patch_size},
+        common = {"patch_size": shape.patch_size, "spatial_merge_size": shape.merge_size,
+                  "temporal_patch_size": shape.temporal_patch_size, "depth": shape.vision_depth,
+                  "num_heads": shape.heads}
+        if shape.arch == "qwen2_vl":
+            vision = {**common, "embed_dim": shape.vision_dim, "hidden_size": shape.text_hidden, "mlp_ratio": 2}
+        elif shape.arch == "qwen2_5_vl":
+            # windowed attention over image quarters, the last block attends fully, as in the 7B
+            vision = {**common, "hidden_size": shape.vision_dim, "out_hidden_size": shape.text_hidden,
+                      "intermediate_size": shape.vision_dim * 2, "window_size": shape.image_size // 2,
+                      "fullatt_block_indexes": [shape.vision_depth - 1]}
+        else:
+            raise ValueError(f"judge arch {shape.arch!r}: expected one of {ARCHS}")
+        config_cls, model_cls = _classes(shape.arch)
+        config = config_cls(
+            vision_config=vision,
             text_config={"vocab_size": len(tk), "hidden_size": shape.text_hidden,
                          "intermediate_size": shape.text_hidden * 2, "num_hidden_layers": shape.text_layers,
                          "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads,
@@ -115,49 +172,49 @@ class TinyJudge:
             vision_end_token_id=tk.convert_tokens_to_ids(VISION_END),
             pad_token_id=tk.pad_token_id,
         )
-        return cls(Qwen2VLForConditionalGeneration(config), tk, shape)
+        return cls(model_cls(config), tk, shape)
 
     def parameters(self):
         return self.model.parameters()
 
-    def _inputs(self, tasks: list[str], criteria: list[str]) -> dict[str, torch.Tensor]:
+    def _inputs(self, tasks: list[str], criteria: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
         n = self.shape.tokens_per_image
-        texts = [" ".join(w for word in query_words(t, c) for w in ([word] * n if word == IMAGE_PAD else [word]))
-                 for t, c in zip(tasks, criteria, strict=True)]
+        texts = [" ".join(w for word in query_words(t, c, p) for w in ([word] * n if word == IMAGE_PAD else [word]))
+                 for t, c, p in zip(tasks, criteria, prompts, strict=True)]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
         ids = enc["input_ids"]
         return {"input_ids": ids, "attention_mask": enc["attention_mask"],
                 "mm_token_type_ids": (ids == self.image_id).long()}
 
-    def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, tasks: list[str], criteria: list[str]) -> torch.Tensor:
-        """P(Yes | image 1 better than image 2 for (task, criterion)), one value a row, differentiable in
-        the images; the Yes/No softmax at the answer position."""
-        return self.yes_no_logits(image1, image2, tasks, criteria).softmax(-1)[:, 0]
+    def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, q: Query) -> torch.Tensor:
+        """P(Yes | image 1 better than image 2 for the query), one value a row, differentiable in the images;
+        the Yes/No softmax at the answer position."""
+        return self.yes_no_logits(image1, image2, q).softmax(-1)[:, 0]
 
-    def yes_no_logits(self, image1: torch.Tensor, image2: torch.Tensor, tasks: list[str],
-                      criteria: list[str]) -> torch.Tensor:
+    def yes_no_logits(self, image1: torch.Tensor, image2: torch.Tensor, q: Query) -> torch.Tensor:
         """(B, 2) logits of Yes and No at the answer position (the training loss is a 2-way cross-entropy)."""
         b = image1.shape[0]
         both = torch.stack([image1, image2], dim=1).flatten(0, 1)  # image 1, image 2 of row 0, then row 1...
+        context = None if q.context is None else q.context.repeat_interleave(2, dim=0)
         g = self.shape.grid
         grid = torch.tensor([[1, g, g]] * (2 * b))
-        out = self.model(**self._inputs(tasks, criteria), pixel_values=pixel_values(both, self.shape).to(
-            self.model.dtype), image_grid_thw=grid, logits_to_keep=1)
+        pixels = pixel_values(both, self.shape, context).to(self.model.dtype)
+        out = self.model(**self._inputs(q.tasks, q.criteria, q.prompts), pixel_values=pixels, image_grid_thw=grid,
+                         logits_to_keep=1)
         return out.logits[:, -1, [self.yes_id, self.no_id]].float()
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         self.model.save_pretrained(path / "model", safe_serialization=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
-        (path / META).write_text(json.dumps({"kind": "tiny_qwen2_vl", "shape": self.shape.__dict__}))
+        (path / META).write_text(json.dumps({"kind": f"tiny_{self.shape.arch}", "shape": self.shape.__dict__}))
 
     @classmethod
     def load(cls, path: str | Path) -> TinyJudge:
-        from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
+        from transformers import PreTrainedTokenizerFast
 
         path = Path(path)
-        meta = json.loads((path / META).read_text())
-        model = Qwen2VLForConditionalGeneration.from_pretrained(path / "model", use_safetensors=True,
-                                                                local_files_only=True)
+        shape = JudgeShape(**json.loads((path / META).read_text())["shape"])
+        model = _classes(shape.arch)[1].from_pretrained(path / "model", use_safetensors=True, local_files_only=True)
         tk = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        return cls(model, tk, JudgeShape(**meta["shape"]))
+        return cls(model, tk, shape)

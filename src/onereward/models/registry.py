@@ -55,13 +55,16 @@ def judge_example(image_size: int):
     import numpy as np
     import pandas as pd
 
-    pngs = [base64.b64encode(to_png(np.full((image_size, image_size, 3), v, np.uint8))).decode() for v in (60, 190)]
-    return pd.DataFrame({"image_a": [pngs[0]], "image_b": [pngs[1]], "task": ["fill"], "criterion": ["alignment"]})
+    pngs = [base64.b64encode(to_png(np.full((image_size, image_size, 3), v, np.uint8))).decode()
+            for v in (60, 190, 127)]
+    return pd.DataFrame({"image_a": [pngs[0]], "image_b": [pngs[1]], "task": ["fill"], "criterion": ["alignment"],
+                         "prompt": ["fill red"], "masked_input": [pngs[2]]})
 
 
 def register_judge(model_dir: str | Path, name: str, alias: str, image_size: int,
                    tags: dict[str, str] | None = None) -> str:
-    """Log the judge folder as a pyfunc scoring (image A, image B, task, criterion) -> P(A better)."""
+    """Log the judge folder as a pyfunc scoring (image A, image B, task, criterion, prompt, masked input)
+    -> P(A better)."""
     import pandas as pd
     from mlflow.models import infer_signature
 

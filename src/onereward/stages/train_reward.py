@@ -1,18 +1,25 @@
-"""train_reward: train the one VLM judge on labelled pairs, check it on held-out conditions, register it.
+"""train_reward and train_audit_reward: train a VLM judge on labelled pairs, check it on held-out conditions,
+register it.
 
-Input: `preferences` (label_preferences: ordered pairs with both images).
-Output: `reward_model` — the judge (`judge/`, safetensors), `heldout_metrics.json`, `registry.json`.
-Config: `seed`, `reward`.
+Inputs: `preferences` (label_preferences: ordered pairs with both images), `conditions` (synthesize_masks: the
+prompt and masked input the judge is shown with each pair).
+Output: `reward_model` (train_reward) or `audit_model` (train_audit_reward) — the judge (`judge/`,
+safetensors), `heldout_metrics.json`, `calibration.png`, `registry.json`.
+Config: `seed`, `reward` (`reward.judge` and `reward.audit` say which architecture, split and name).
 Metrics: `heldout.acc.mean`, `heldout.acc.<task>.<criterion>` (all held-out pairs), `heldout.acc_cand.mean` and
 `heldout.acc_cand.<task>.<criterion>` (candidate-vs-candidate pairs only), `heldout.acc_kind.<kind>`,
 `heldout.order_gap` (mean |P(A>B) + P(B>A) - 1|), `sanity.<task>.target_vs_base`,
-`sanity.<task>.base_vs_collapsed`, `train_loss` curves.
+`sanity.<task>.base_vs_collapsed`, `train_loss` and `heldout.acc*.curve`; the audit judge's carry the
+prefix `audit.`.
 
-Pairs are split by condition (`reward.heldout_fraction`), so no held-out condition is seen in training. Each
-pair is trained in both orders: "is image 1 better than image 2?" is Yes for (winner, loser) and No for
+Pairs are split by condition (`reward.heldout_fraction`, hashed with the judge's `split_seed`), so no held-out
+condition is seen in training; the audit judge holds out other conditions and is another architecture
+(Qwen2.5-VL against Qwen2-VL), since two judges differing only by seed share their blind spots. Each pair is
+trained in both orders: "is image 1 better than image 2?" is Yes for (winner, loser) and No for
 (loser, winner), a 2-way cross-entropy on the Yes/No logits. The sanity gate: on held-out pairs, per task,
 P(target better than a base sample) >= `reward.min_target_vs_base` and P(base sample better than a degraded
-image) >= `reward.min_base_vs_collapsed`; a judge below either is not registered and the stage fails.
+image) >= `reward.min_base_vs_collapsed`, for each task of `reward.gate_tasks`; a judge below either, or with
+no such held-out pairs for a gated task, is not registered and the stage fails.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from onereward import tracking
+from onereward.config import RewardConfig
 from onereward.models import data as mdata
-from onereward.models.judge import TinyJudge
+from onereward.models.judge import JudgeShape, Query, TinyJudge
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext
 
@@ -43,20 +51,34 @@ def _heldout(condition_id: str, fraction: float, seed: int) -> bool:
     return u < fraction
 
 
-def _tensors(rows: list[dict]) -> dict:
+def condition_context(conditions: list[dict]) -> dict[str, tuple[str, bytes]]:
+    """condition_id -> (prompt, masked input PNG): what the judge is shown of each condition."""
+    out = {}
+    for c in conditions:
+        x = mdata.masked_input(mdata.to_tensor([c["image"]]), mdata.to_tensor([c["mask"]], "L"))
+        out[c["condition_id"]] = (c["prompt"], mdata.to_pngs(x)[0])
+    return out
+
+
+def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict:
+    """Winner and loser images and the query of each pair."""
+    missing = sorted({r["condition_id"] for r in rows} - context.keys())
+    if missing:
+        raise ValueError(f"preferences name conditions not in the conditions input: {missing[:5]}")
+    q = Query([r["task"] for r in rows], [r["criterion"] for r in rows],
+              [context[r["condition_id"]][0] for r in rows],
+              mdata.to_tensor([context[r["condition_id"]][1] for r in rows]))
     return {"winner": mdata.to_tensor([r["winner_image"] for r in rows]),
-            "loser": mdata.to_tensor([r["loser_image"] for r in rows]),
-            "tasks": [r["task"] for r in rows], "criteria": [r["criterion"] for r in rows]}
+            "loser": mdata.to_tensor([r["loser_image"] for r in rows]), "query": q}
 
 
-def _both_orders(judge: TinyJudge, d: dict, idx: torch.Tensor) -> torch.Tensor:
+def both_orders_loss(judge: TinyJudge, d: dict, idx: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on (winner, loser) -> Yes and (loser, winner) -> No."""
-    i = idx.tolist()
-    tasks, criteria = [d["tasks"][k] for k in i] * 2, [d["criteria"][k] for k in i] * 2
+    q = d["query"][idx.tolist()]
     first = torch.cat([d["winner"][idx], d["loser"][idx]])
     second = torch.cat([d["loser"][idx], d["winner"][idx]])
-    labels = torch.cat([torch.zeros(len(i)), torch.ones(len(i))]).long()  # 0 = Yes, 1 = No
-    return F.cross_entropy(judge.yes_no_logits(first, second, tasks, criteria), labels)
+    labels = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))]).long()  # 0 = Yes, 1 = No
+    return F.cross_entropy(judge.yes_no_logits(first, second, q + q), labels)
 
 
 @torch.no_grad()
@@ -64,17 +86,15 @@ def score_pairs(judge: TinyJudge, d: dict, batch: int = 128) -> tuple[np.ndarray
     """P(winner better than loser) asked both ways: (P(Yes | winner, loser), P(Yes | loser, winner))."""
     judge.model.eval()
     fwd, rev = [], []
-    for s in range(0, len(d["tasks"]), batch):
+    for s in range(0, len(d["winner"]), batch):
         sl = slice(s, s + batch)
-        args = (d["tasks"][sl], d["criteria"][sl])
-        fwd.append(judge.p_yes(d["winner"][sl], d["loser"][sl], *args))
-        rev.append(judge.p_yes(d["loser"][sl], d["winner"][sl], *args))
+        fwd.append(judge.p_yes(d["winner"][sl], d["loser"][sl], d["query"][sl]))
+        rev.append(judge.p_yes(d["loser"][sl], d["winner"][sl], d["query"][sl]))
     return torch.cat(fwd).numpy(), torch.cat(rev).numpy()
 
 
-def evaluate_judge(judge: TinyJudge, rows: list[dict]) -> dict[str, float]:
-    d = _tensors(rows)
-    fwd, rev = score_pairs(judge, d)
+def evaluate_judge(judge: TinyJudge, rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict[str, float]:
+    fwd, rev = score_pairs(judge, pair_tensors(rows, context))
     p_win = (fwd + 1 - rev) / 2  # the judge's P(winner better), order-averaged
     correct = p_win > 0.5
     metrics: dict[str, float] = {"heldout.pairs": float(len(rows)), "heldout.acc.mean": float(correct.mean()),
@@ -98,7 +118,8 @@ def evaluate_judge(judge: TinyJudge, rows: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, min_collapsed: float) -> None:
+def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, min_collapsed: float,
+               stage: str) -> None:
     failed = []
     for task in tasks:
         for name, floor in (("target_vs_base", min_target), ("base_vs_collapsed", min_collapsed)):
@@ -108,33 +129,57 @@ def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, m
             elif value < floor:
                 failed.append(f"{task}: P({name}) {value:.3f} < {floor}")
     if failed:
-        raise JudgeGateFailed("train_reward: the judge fails its held-out sanity gate (reward.min_*); it is not "
+        raise JudgeGateFailed(f"{stage}: the judge fails its held-out sanity gate (reward.min_*); it is not "
                               "registered. " + "; ".join(failed), metrics)
 
 
-def train_reward(ctx: StageContext) -> dict[str, float]:
-    s = ctx.settings
-    r = s.reward
-    rows = ctx.inputs["preferences"].read_table().to_pylist()
-    if not rows:
-        raise ValueError(f"preferences {ctx.inputs['preferences'].uri}: no labelled pairs to learn from")
-    held = [x for x in rows if _heldout(x["condition_id"], r.heldout_fraction, s.seed)]
-    train = [x for x in rows if not _heldout(x["condition_id"], r.heldout_fraction, s.seed)]
-    if not held or not train:
-        raise ValueError(f"train_reward: {len(train)} training and {len(held)} held-out pairs; both must be > 0")
-    cells = sorted({(x["task"], x["criterion"]) for x in rows})
-    judge = TinyJudge.build(cells, seed=s.seed)
+def calibration_plot(p_win: np.ndarray, bins: int = 10):
+    """Reliability diagram: the judge's P(winner better) in bins against how often it was right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = np.maximum(p_win, 1 - p_win)  # confidence in the side it picks
+    right = p_win > 0.5
+    edges = np.linspace(0.5, 1.0, bins // 2 + 1)
+    which = np.clip(np.digitize(p, edges) - 1, 0, len(edges) - 2)
+    centres, acc, counts = [], [], []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if sel.any():
+            centres.append(float(p[sel].mean()))
+            acc.append(float(right[sel].mean()))
+            counts.append(int(sel.sum()))
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0.5, 1], [0.5, 1], "k--", lw=1)
+    ax.plot(centres, acc, "o-")
+    for x, y, n in zip(centres, acc, counts, strict=True):
+        ax.annotate(str(n), (x, y), fontsize=7)
+    ax.set(xlabel="judge confidence", ylabel="held-out accuracy", title="calibration (pairs per point)")
+    fig.tight_layout()
+    return fig
+
+
+def _lr_at(step: int, r: RewardConfig) -> float:
+    if r.warmup_steps and step < r.warmup_steps:
+        return r.lr * (step + 1) / r.warmup_steps
+    return r.lr
+
+
+def fit_judge(judge: TinyJudge, train: dict, held: list[dict], context: dict, r: RewardConfig, seed: int,
+              label: str) -> None:
+    """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
     opt = torch.optim.AdamW(judge.parameters(), lr=r.lr)
-    d = _tensors(train)
-    rng = torch.Generator().manual_seed(s.seed)
-    print(f"train_reward: {len(train)} training pairs, {len(held)} held out, {len(cells)} cells, "
-          f"{r.steps} steps of {r.batch_size} pairs (both orders)", flush=True)
-    t0 = time.perf_counter()
+    rng = torch.Generator().manual_seed(seed)
+    n = len(train["winner"])
     with Progress(transient=False) as bar:
-        task = bar.add_task("train_reward", total=r.steps)
+        task = bar.add_task(label, total=r.steps)
         for step in range(r.steps):
             judge.model.train()
-            loss = _both_orders(judge, d, torch.randint(0, len(train), (r.batch_size,), generator=rng))
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, r)
+            loss = both_orders_loss(judge, train, torch.randint(0, n, (r.batch_size,), generator=rng))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
@@ -143,18 +188,59 @@ def train_reward(ctx: StageContext) -> dict[str, float]:
             if step % 10 == 0:
                 tracking.log_metrics({"train_loss": loss.item()}, step=step)
             if (step + 1) % r.eval_every == 0 and step + 1 < r.steps:
-                acc = evaluate_judge(judge, held)["heldout.acc.mean"]
-                tracking.log_metrics({"heldout.acc.curve": acc}, step=step + 1)
-                print(f"train_reward: step {step + 1}/{r.steps} loss {loss.item():.4f} held-out acc {acc:.3f}",
+                m = evaluate_judge(judge, held, context)
+                tracking.log_metrics({"heldout.acc.curve": m["heldout.acc.mean"],
+                                      "heldout.acc_cand.curve": m.get("heldout.acc_cand.mean", 0.0)}, step=step + 1)
+                print(f"{label}: step {step + 1}/{r.steps} loss {loss.item():.4f} held-out acc "
+                      f"{m['heldout.acc.mean']:.3f} (candidate pairs {m.get('heldout.acc_cand.mean', 0):.3f})",
                       flush=True)
-    metrics = evaluate_judge(judge, held)
+
+
+def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
+    """Train, check and register one judge: `role` "judge" (the reward RL trains against) or "audit"."""
+    s, r = ctx.settings, ctx.settings.reward
+    spec = getattr(r, role)
+    stage = ctx.stage
+    rows = ctx.inputs["preferences"].read_table().to_pylist()
+    if not rows:
+        raise ValueError(f"preferences {ctx.inputs['preferences'].uri}: no labelled pairs to learn from")
+    used = {x["condition_id"] for x in rows}
+    context = condition_context([c for c in ctx.inputs["conditions"].read_table().to_pylist()
+                                 if c["condition_id"] in used])
+    held = [x for x in rows if _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
+    train = [x for x in rows if not _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
+    if not held or not train:
+        raise ValueError(f"{stage}: {len(train)} training and {len(held)} held-out pairs; both must be > 0")
+    cells = sorted({(x["task"], x["criterion"]) for x in rows})
+    judge = TinyJudge.build(cells, sorted({p for p, _ in context.values()}), JudgeShape(arch=spec.arch),
+                            seed=s.seed)
+    print(f"{stage}: {spec.arch}, {len(train)} training pairs, {len(held)} held out "
+          f"(split {spec.split_seed}), {len(cells)} cells, {r.steps} steps of {r.batch_size} pairs (both orders)",
+          flush=True)
+    t0 = time.perf_counter()
+    fit_judge(judge, pair_tensors(train, context), held, context, r, s.seed, stage)
+    metrics = evaluate_judge(judge, held, context)
     metrics["train_seconds"] = time.perf_counter() - t0
     print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1), flush=True)
-    check_gate(metrics, sorted({t for t, _ in cells}), r.min_target_vs_base, r.min_base_vs_collapsed)
-    out = ctx.outputs["reward_model"]
+    fwd, rev = score_pairs(judge, pair_tensors(held, context))
+    fig = calibration_plot((fwd + 1 - rev) / 2)
+    tracking.log_figure(fig, "calibration.png")
+    check_gate(metrics, sorted(set(r.gate_tasks)), r.min_target_vs_base, r.min_base_vs_collapsed, stage)
+    out = next(iter(ctx.outputs.values()))
     judge.save(out.dir / "judge")
+    fig.savefig(out.dir / "calibration.png")
     out.write_json("heldout_metrics.json", metrics)
-    version = register_judge(out.dir / "judge", r.model_name, "training", judge.shape.image_size,
-                             {"artifact_key": ctx.key})
-    out.write_json("registry.json", {"name": r.model_name, "version": version, "alias": "training"})
-    return {**metrics, "registered_version": float(version)}
+    alias = "training" if role == "judge" else "audit"
+    version = register_judge(out.dir / "judge", spec.model_name, alias, judge.shape.image_size,
+                             {"artifact_key": ctx.key, "arch": spec.arch, "split_seed": str(spec.split_seed)})
+    out.write_json("registry.json", {"name": spec.model_name, "version": version, "alias": alias})
+    prefix = "" if role == "judge" else "audit."
+    return {f"{prefix}{k}": v for k, v in metrics.items()} | {"registered_version": float(version)}
+
+
+def train_reward(ctx: StageContext) -> dict[str, float]:
+    return train_judge(ctx, "judge")
+
+
+def train_audit_reward(ctx: StageContext) -> dict[str, float]:
+    return train_judge(ctx, "audit")
