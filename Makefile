@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: venv system-deps run test lint compile-kfp graph clean
+.PHONY: venv system-deps run test image-test lint compile-kfp graph clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ run: venv system-deps
 test: venv system-deps
 	$(BIN)/ruff check src tests dags components benchmarks
 	$(BIN)/pytest $(ARGS)
+
+# The CPU image built with podman and run as KFP and Airflow run stages (root only; installs podman, runc and
+# debootstrap when missing). Kept out of `make test`, which needs no container runtime.
+image-test: venv system-deps
+	bash scripts/image_test.sh
 
 lint: venv
 	$(BIN)/ruff check src tests dags components benchmarks

@@ -92,11 +92,15 @@ def test_dockerfile_contract(dockerfile):
     assert 'ENTRYPOINT ["onereward"]' in text
     for env in ("HF_HUB_OFFLINE=1", "PYTHONUNBUFFERED=1"):
         assert env in text
-    # torch first, then the lock, then the project without dependencies
+    # torch first, then the runtime requirements at the lock's versions, then the project without dependencies
     torch = text.index("torch==2.13.0")
-    lock = text.index("-r requirements.lock")
+    lock = text.index("-c requirements.lock")
     project = text.index("--no-deps .")
     assert torch < lock < project
+    # the image holds no .git: the commit it is built from is a build argument, as a label and for tracking
+    assert 'ARG ONEREWARD_GIT_COMMIT=""' in text
+    assert 'org.opencontainers.image.revision="${ONEREWARD_GIT_COMMIT}"' in text
+    assert 'ENV ONEREWARD_GIT_COMMIT="${ONEREWARD_GIT_COMMIT}"' in text
     for path in ("src/", "configs/", "pyproject.toml", "requirements.lock", "README.md"):
         assert re.search(rf"^COPY .*{re.escape(path)}", text, re.M), f"{path} is not copied"
     # every ignore carries a reason in the comment block just above it, naming the rule
@@ -111,7 +115,7 @@ def test_dockerfile_contract(dockerfile):
                 block.append(above)
             assert all(any(rule in b for b in block) for rule in rules), f"ignore without a reason: {line}"
     if dockerfile.name == "cpu.Dockerfile":
-        assert "download.pytorch.org/whl/cpu" in text
+        assert "download.pytorch.org/whl/cpu" in text and "torch==2.13.0+cpu" in text
         assert "# hadolint ignore" not in text
 
 

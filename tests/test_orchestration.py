@@ -241,3 +241,12 @@ def test_cli_graph_lists_every_stage(capsys):
     assert [s["stage"] for s in listed] == GRAPH.names
     assert {"name": "base_model", "kind": "Model"} in listed[2]["outputs"]
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_git_commit_prefers_the_images_build_argument(monkeypatch):
+    from onereward import tracking
+
+    monkeypatch.setenv("ONEREWARD_GIT_COMMIT", "0123abc")  # an image holds no .git; its build argument tells
+    assert tracking.git_commit() == "0123abc"
+    monkeypatch.setenv("ONEREWARD_GIT_COMMIT", "")  # built without it: the checkout's HEAD, or "unknown"
+    assert tracking.git_commit() != "0123abc"

@@ -28,7 +28,13 @@ def tracking_uri() -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+GIT_COMMIT_ENV = "ONEREWARD_GIT_COMMIT"
+
+
 def git_commit() -> str:
+    """The source commit: the image's build argument (an image holds no .git), else the checkout's HEAD."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
