@@ -57,6 +57,17 @@ def from_png(data: bytes, mode: str = "RGB") -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert(mode))
 
 
+def try_from_png(data: bytes | None, mode: str = "RGB") -> np.ndarray | None:
+    """The decoded pixels, or None where the bytes are missing, do not decode, or hold no pixel."""
+    if data is None:
+        return None
+    try:
+        arr = from_png(data, mode)
+    except Exception:  # PIL raises many types for garbage input
+        return None
+    return arr if arr.size > 0 else None
+
+
 def phash(arr: np.ndarray) -> int:
     """64-bit DCT perceptual hash (8x8 low frequencies of a 32x32 grey image vs their median)."""
     from scipy.fft import dctn
@@ -64,7 +75,7 @@ def phash(arr: np.ndarray) -> int:
     grey = Image.fromarray(arr).convert("L").resize((32, 32), Image.Resampling.LANCZOS)
     coeffs = dctn(np.asarray(grey, dtype=np.float64), norm="ortho")[:8, :8].flatten()
     bits = coeffs > np.median(coeffs[1:])
-    return int("".join("1" if b else "0" for b in bits), 2)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def hamming(a: int, b: int) -> int:

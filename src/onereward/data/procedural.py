@@ -25,6 +25,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 140, 20),
     "purple": (140, 40, 190),
 }
+COLOR_NAMES = tuple(COLORS)
+PALETTE = np.array([COLORS[n] for n in COLOR_NAMES])
 SHAPES = ("circle", "square", "triangle")
 PHOTO_NAMES = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "moon", "rocket",
                "immunohistochemistry", "hubble_deep_field", "clock", "retina")
@@ -185,23 +187,31 @@ def render_text(img: np.ndarray, box: tuple[int, int, int, int], text: str, cjk:
     region = img[y0:y1, x0:x1].reshape(-1, 3).mean(0)
     color = (0, 0, 0) if region.mean() > 127 else (255, 255, 255)
     out = Image.fromarray(img.copy())
-    d = ImageDraw.Draw(out)
-    size = max(y1 - y0, 6)
+    f, (left, top, right, bottom) = _fit_text(text, x1 - x0, y1 - y0, cjk)
+    tx = x0 + (x1 - x0 - (right - left)) / 2 - left
+    ty = y0 + (y1 - y0 - (bottom - top)) / 2 - top
+    ImageDraw.Draw(out).text((tx, ty), text, fill=color, font=f)
+    return np.asarray(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fit_text(text: str, w: int, h: int, cjk: bool) -> tuple[ImageFont.FreeTypeFont,
+                                                              tuple[float, float, float, float]]:
+    """The largest font size from h down (at least 6) whose text bbox fits w x h, and that bbox; cached
+    because the search measures the text once per size, and boxes and texts repeat."""
+    d = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # bboxes depend on the font and the RGB mode only
+    size = max(h, 6)
     f = font(size, cjk)
     while size > 6:
         left, top, right, bottom = d.textbbox((0, 0), text, font=f)
-        if right - left <= x1 - x0 and bottom - top <= y1 - y0:
+        if right - left <= w and bottom - top <= h:
             break
         size -= 1
         f = font(size, cjk)
-    left, top, right, bottom = d.textbbox((0, 0), text, font=f)
-    tx = x0 + (x1 - x0 - (right - left)) / 2 - left
-    ty = y0 + (y1 - y0 - (bottom - top)) / 2 - top
-    d.text((tx, ty), text, fill=color, font=f)
-    return np.asarray(out)
+    return f, d.textbbox((0, 0), text, font=f)
 
 
 def color_name(pixels: np.ndarray) -> str:
     """Nearest palette name of the mean colour of some pixels (prompts for free-form fills)."""
     mean = pixels.reshape(-1, 3).mean(0)
-    return min(COLORS, key=lambda n: float(np.sum((np.array(COLORS[n]) - mean) ** 2)))
+    return COLOR_NAMES[int(np.argmin(((PALETTE - mean) ** 2).sum(1)))]  # ties: the first, as min() did

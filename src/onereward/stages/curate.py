@@ -14,7 +14,7 @@ from rich.progress import track
 from onereward import storage, tracking
 from onereward.config import FolderSource, ManifestSource, ProceduralSource, Settings
 from onereward.data import procedural, schema, validation
-from onereward.data.images import ImageRejected, center_square, decode_guarded, from_png, hamming, phash, to_png
+from onereward.data.images import ImageRejected, center_square, decode_guarded, hamming, phash, to_png, try_from_png
 from onereward.stages import StageContext
 
 # (source, origin, encoded bytes or a decoded scene, error)
@@ -179,14 +179,9 @@ def curate(ctx: StageContext) -> dict[str, float]:
             **{f"dropped.{k}": v for k, v in counts.items()}}
 
 
-def validate_curated(rows: list[dict], s: Settings) -> None:
+def validate_curated(rows: list[dict], s: Settings, decodable: list[bool] | None = None) -> None:
+    """The curated suite on `rows`; `decodable` (one flag per row) spares decoding images a caller has
+    already decoded."""
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("background", "object_mask")} for r in rows])
-    df["decodable"] = [_decodes(r["image"]) for r in rows]
+    df["decodable"] = decodable if decodable is not None else [try_from_png(r["image"]) is not None for r in rows]
     validation.validate("curated", df, validation.curated_suite(s.curate.min_side), "image_id")
-
-
-def _decodes(png: bytes | None) -> bool:
-    try:
-        return png is not None and from_png(png).size > 0
-    except Exception:
-        return False

@@ -16,11 +16,12 @@ from scipy.ndimage import binary_dilation
 from onereward import tracking
 from onereward.config import TASKS, MaskConfig, Settings
 from onereward.data import procedural, schema, validation
-from onereward.data.images import from_png, to_png
+from onereward.data.images import from_png, to_png, try_from_png
 from onereward.stages import StageContext
 from onereward.stages.curate import validate_curated
 
-Condition = tuple[np.ndarray, str, np.ndarray | None, dict]  # mask, prompt, target, params
+# mask, prompt, target (pixels to encode, or PNG bytes the input row already holds), params
+Condition = tuple[np.ndarray, str, np.ndarray | bytes | None, dict]
 ATTEMPTS = 8
 
 
@@ -65,7 +66,7 @@ def fill(rng, img, row, cfg: MaskConfig) -> Condition | None:
             mask = _brush(rng, size) if rng.random() < 0.5 else _box_mask(size, _box(rng, size, 0.25, 0.6))
             prompt, kind = f"fill {procedural.color_name(img[mask])}", "free_form"
         if _in_range(mask, cfg.coverage["fill"]):
-            return mask, prompt, img, {"mask_kind": kind}
+            return mask, prompt, row["image"], {"mask_kind": kind}
     return None
 
 
@@ -85,7 +86,7 @@ def extend(rng, img, row, cfg: MaskConfig) -> Condition | None:
         if side in ("bottom", "all"):
             mask[size - n :] = True
         if _in_range(mask, cfg.coverage["extend"]):
-            return mask, "extend", img, {"side": side, "ratio": ratio}
+            return mask, "extend", row["image"], {"side": side, "ratio": ratio}
     return None
 
 
@@ -96,7 +97,7 @@ def removal(rng, img, row, cfg: MaskConfig) -> Condition | None:
     mask = binary_dilation(obj, iterations=cfg.removal_dilation) if cfg.removal_dilation else obj
     if not _in_range(mask, cfg.coverage["removal"]):
         return None
-    return mask, f"remove {row['object_label']}", from_png(row["background"]), {"label": row["object_label"]}
+    return mask, f"remove {row['object_label']}", row["background"], {"label": row["object_label"]}
 
 
 def text(rng, img, row, cfg: MaskConfig) -> Condition | None:
@@ -123,10 +124,10 @@ def _split(image_id: str, heldout: float) -> str:
     return "heldout" if u < heldout else "train"
 
 
-def conditions_for(row: dict, s: Settings) -> tuple[list[dict], Counter[str]]:
+def conditions_for(row: dict, img: np.ndarray, s: Settings) -> tuple[list[dict], Counter[str]]:
+    """The conditions of one curated row whose image decodes to `img`."""
     cfg = s.masks
     rng = np.random.default_rng([s.seed, int(row["image_id"][:12], 16)])
-    img = from_png(row["image"])
     tasks = [t for t in TASKS if cfg.task_mix.get(t, 0) > 0]
     weights = np.array([cfg.task_mix[t] for t in tasks], dtype=float)
     split = _split(row["image_id"], cfg.heldout_fraction)
@@ -147,7 +148,7 @@ def conditions_for(row: dict, s: Settings) -> tuple[list[dict], Counter[str]]:
         rows.append({
             "condition_id": f"{row['image_id']}-{k}", "image_id": row["image_id"], "task": task,
             "image": row["image"], "mask": to_png(mask.astype(np.uint8) * 255), "prompt": prompt,
-            "target": to_png(target) if target is not None else None,
+            "target": to_png(target) if isinstance(target, np.ndarray) else target,
             "mask_coverage": float(mask.mean()), "split": split, "params": json.dumps(params),
         })
     return rows, skipped
@@ -158,12 +159,17 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
     curated = ctx.inputs["curated"].read_table()
     schema.check_columns(curated, schema.CURATED, f"curated artifact {ctx.inputs['curated'].uri}")
     curated_rows = curated.to_pylist()
-    validate_curated(curated_rows, s)  # the input boundary: refuse rows we could not use
-    rows, skipped = [], Counter()
+    rows, skipped, decodable = [], Counter(), []
     for r in track(curated_rows, description="synthesize_masks"):
-        made, sk = conditions_for(r, s)
+        img = try_from_png(r["image"])
+        decodable.append(img is not None)
+        if img is None or not r["image_id"]:
+            continue  # the curated suite below refuses the input
+        made, sk = conditions_for(r, img, s)
         rows.extend(made)
         skipped.update(sk)
+    # The input boundary, checked on the one decode the rows were made from; nothing is written before it.
+    validate_curated(curated_rows, s, decodable)
     validate_conditions(rows, s, expected_mix(curated_rows, s))
     for i in range(0, len(rows), s.curate.shard_rows):
         ctx.outputs["conditions"].write_table(schema.table(rows[i : i + s.curate.shard_rows], schema.CONDITIONS))
@@ -217,11 +223,11 @@ def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | N
 
 def _measured_coverage(r: dict) -> float | None:
     """Share of masked pixels of the decoded mask; None when the mask or the target does not decode at the
-    input's size (the input image itself passed the curated suite)."""
+    input's size (the input image itself passed the curated suite, so a target equal to it needs no decode)."""
     try:
         size = Image.open(io.BytesIO(r["image"])).size[::-1]
         mask = from_png(r["mask"], "L")
-        if mask.shape != size or (r["target"] is not None and from_png(r["target"]).shape[:2] != size):
+        if mask.shape != size or (r["target"] not in (None, r["image"]) and from_png(r["target"]).shape[:2] != size):
             return None
         return float((mask > 127).mean())
     except Exception:
