@@ -67,7 +67,8 @@ def _mask() -> bytes:
 def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path, stage, output, name, alias, prefix):
     prefs, conds, out = str(tmp_path / "prefs"), str(tmp_path / "conds"), str(tmp_path / "judge")
     _preferences(prefs, conds, 80)
-    s = load_config("tiny", ["reward.steps=150", "reward.batch_size=16", "reward.eval_every=1000", GATED])
+    s = load_config("tiny", ["reward.steps=150", "reward.vision_warmup_steps=30", "reward.batch_size=16",
+                             "reward.eval_every=1000", GATED])
     outcome = execute_stage(STAGES[stage], s, {"preferences": prefs, "conditions": conds}, {output: out})
     m = outcome.metrics
     assert m[f"{prefix}heldout.pairs"] >= 20 and m[f"{prefix}heldout.acc.mean"] >= 0.9, m  # other conditions
@@ -104,7 +105,7 @@ def test_judges_hold_out_different_conditions():
 def test_judge_trained_on_too_little_fails_the_gate_and_is_not_registered(home, tmp_path):
     prefs, conds, out = str(tmp_path / "prefs"), str(tmp_path / "conds"), str(tmp_path / "judge")
     _preferences(prefs, conds, 40, seed=1)
-    s = load_config("tiny", ["reward.steps=2", "reward.batch_size=4", GATED])
+    s = load_config("tiny", ["reward.steps=2", "reward.vision_warmup_steps=2", "reward.batch_size=4", GATED])
     with pytest.raises(JudgeGateFailed, match=r"removal: P\(target_vs_base\)|fill: P\("):
         execute_stage(STAGES["train_reward"], s, {"preferences": prefs, "conditions": conds},
                       {"reward_model": out})
@@ -115,3 +116,26 @@ def test_judge_trained_on_too_little_fails_the_gate_and_is_not_registered(home, 
 
     tracking.setup("onereward")
     assert not mlflow.MlflowClient().search_model_versions("name='onereward-reward-model'")
+
+
+def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
+    """The Bradley-Terry warm-up learns the rule in the vision tower and leaves the language model as built."""
+    import torch
+
+    from onereward.models.judge import TinyJudge
+    from onereward.stages.train_reward import condition_context, pair_tensors, warm_up_vision
+
+    prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
+    _preferences(prefs, conds, 20)
+    rows = storage.Artifact(prefs).read_table().to_pylist()
+    context = condition_context(storage.Artifact(conds).read_table().to_pylist())
+    r = load_config("tiny", ["reward.vision_warmup_steps=60", "reward.batch_size=16"]).reward
+    judge = TinyJudge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
+    before = {k: v.clone() for k, v in judge.model.state_dict().items()}
+    loss = warm_up_vision(judge, pair_tensors(rows, context), r, 0, "test")
+    assert loss is not None and loss < 0.35, loss  # ln 2 = 0.69 at chance
+    after = judge.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
+    r0 = load_config("tiny", ["reward.vision_warmup_steps=0"]).reward
+    assert warm_up_vision(judge, pair_tensors(rows, context), r0, 0, "test") is None

@@ -203,6 +203,15 @@ class TinyJudge:
                          logits_to_keep=1)
         return out.logits[:, -1, [self.yes_id, self.no_id]].float()
 
+    def image_features(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, text_hidden): the vision tower's merged tokens of each image (what the language model is shown),
+        mean-pooled. The vision warm-up of train_reward fits these before the pairwise query is trained."""
+        g = self.shape.grid
+        pixels = pixel_values(images, self.shape, context).to(self.model.dtype)
+        out = self.model.model.visual(pixels, grid_thw=torch.tensor([[1, g, g]] * images.shape[0]))
+        tokens = out.pooler_output  # after the 2x2 merger: tokens_per_image rows an image
+        return tokens.reshape(images.shape[0], self.shape.tokens_per_image, -1).mean(1).float()
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         self.model.save_pretrained(path / "model", safe_serialization=True)
