@@ -123,7 +123,7 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     import torch
 
     from onereward.models.judge import TinyJudge
-    from onereward.stages.train_reward import condition_context, pair_tensors, warm_up_vision
+    from onereward.stages.train_reward import condition_context, training_pairs, warm_up_vision
 
     prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
     _preferences(prefs, conds, 20)
@@ -132,10 +132,43 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     r = load_config("tiny", ["reward.vision_warmup_steps=60", "reward.batch_size=16"]).reward
     judge = TinyJudge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
     before = {k: v.clone() for k, v in judge.model.state_dict().items()}
-    loss = warm_up_vision(judge, pair_tensors(rows, context), r, 0, "test")
+    loss = warm_up_vision(judge, training_pairs(rows, context, r), r, 0, "test")
     assert loss is not None and loss < 0.35, loss  # ln 2 = 0.69 at chance
     after = judge.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
     r0 = load_config("tiny", ["reward.vision_warmup_steps=0"]).reward
-    assert warm_up_vision(judge, pair_tensors(rows, context), r0, 0, "test") is None
+    assert warm_up_vision(judge, training_pairs(rows, context, r0), r0, 0, "test") is None
+
+
+
+def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
+    """Drawn batches follow reward.kind_share whatever the kinds' counts; an augmented pair's two images and its
+    masked input are turned or mirrored the same way, and rows of augment_skip tasks are left as they are."""
+    import torch
+
+    from onereward.models.judge import Query
+    from onereward.stages.train_reward import _symmetry, draw_batch, sampling_weights
+
+    kinds = ["cand_vs_cand"] * 90 + ["cand_vs_degraded"] * 10
+    rows = [{"kind": k} for k in kinds]
+    r = load_config("tiny", ["reward.batch_size=2000", "reward.augment_skip=[text]"]).reward
+    n = len(rows)
+    img = torch.rand(n, 3, 8, 8) * 2 - 1
+    tasks = ["text" if i % 2 else "fill" for i in range(n)]
+    train = {"winner": img, "loser": -img, "weight": sampling_weights(rows, r.kind_share),
+             "query": Query(tasks, ["c"] * n, ["p"] * n, img * 0.5)}
+    winner, loser, q = draw_batch(train, r, torch.Generator().manual_seed(0))
+    assert torch.allclose(loser, -winner) and torch.allclose(q.context, winner * 0.5)
+    # every drawn row is one of the 8 symmetries of a source row: find which
+    variants = torch.stack([_symmetry(img, torch.full((n,), k)) for k in range(8)])  # (8, n, 3, 8, 8)
+    hits = (variants[:, :, None] - winner[None, None]).abs().flatten(3).amax(-1) < 1e-6  # (8, n, batch)
+    sym, src = hits.nonzero()[:, 0], hits.nonzero()[:, 1]
+    assert len(src) == len(winner)  # each drawn row matches exactly one (symmetry, source)
+    picked_kind = np.array([kinds[i] for i in src.tolist()])
+    assert abs((picked_kind == "cand_vs_degraded").mean() - 0.5) < 0.05  # 10 % of the rows, half the draws
+    text = np.array([tasks[i] == "text" for i in src.tolist()])
+    assert (sym[torch.from_numpy(text)] == 0).all()  # text rows are never turned
+    assert 0.8 < (sym[torch.from_numpy(~text)] != 0).float().mean() < 0.95  # 7 of 8 symmetries turn a row
+    with pytest.raises(ValueError, match="cand_vs_cand"):
+        sampling_weights(rows, {"cand_vs_degraded": 1.0})

@@ -184,6 +184,11 @@ class RewardConfig(Strict):
     vision_warmup_steps: int = Field(0, ge=0)  # Bradley-Terry steps on the vision tower first (train_reward)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
     eval_every: int = Field(250, ge=1)
+    # share of each batch per kind of pair (label_preferences' `kind`), however many pairs of each there are
+    kind_share: dict[str, float] = Field(default_factory=lambda: {
+        "cand_vs_cand": 1 / 3, "target_vs_cand": 1 / 3, "cand_vs_degraded": 1 / 3})
+    augment: bool = True  # each training pair turned or mirrored at random (the same way for both images)
+    augment_skip: list[Task] = Field(default_factory=lambda: ["text"])
     # sanity gate on held-out pairs, per task; a judge below either is not registered
     min_target_vs_base: float = Field(0.7, ge=0, le=1)
     min_base_vs_collapsed: float = Field(0.9, ge=0, le=1)

@@ -16,10 +16,11 @@ Pairs are split by condition (`reward.heldout_fraction`, hashed with the judge's
 condition is seen in training; the audit judge holds out other conditions and is another architecture
 (Qwen2.5-VL against Qwen2-VL), since two judges differing only by seed share their blind spots. Each pair is
 trained in both orders: "is image 1 better than image 2?" is Yes for (winner, loser) and No for
-(loser, winner), a 2-way cross-entropy on the Yes/No logits. The sanity gate: on held-out pairs, per task,
-P(target better than a base sample) >= `reward.min_target_vs_base` and P(base sample better than a degraded
-image) >= `reward.min_base_vs_collapsed`, for each task of `reward.gate_tasks`; a judge below either, or with
-no such held-out pairs for a gated task, is not registered and the stage fails.
+(loser, winner), a 2-way cross-entropy on the Yes/No logits. Batches are drawn by kind of pair
+(`reward.kind_share`) and each pair is turned or mirrored at random (`reward.augment`). The sanity gate: on
+held-out pairs, per task, P(target better than a base sample) >= `reward.min_target_vs_base` and P(base sample
+better than a degraded image) >= `reward.min_base_vs_collapsed`, for each task of `reward.gate_tasks`; a judge
+below either, or with no such held-out pairs for a gated task, is not registered and the stage fails.
 """
 
 from __future__ import annotations
@@ -72,12 +73,54 @@ def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dic
             "loser": mdata.to_tensor([r["loser_image"] for r in rows]), "query": q}
 
 
-def both_orders_loss(judge: TinyJudge, d: dict, idx: torch.Tensor) -> torch.Tensor:
+def training_pairs(rows: list[dict], context: dict[str, tuple[str, bytes]], r: RewardConfig) -> dict:
+    """pair_tensors of the training rows with the weight each is drawn by."""
+    return pair_tensors(rows, context) | {"weight": sampling_weights(rows, r.kind_share)}
+
+
+def sampling_weights(rows: list[dict], share: dict[str, float]) -> torch.Tensor:
+    """A weight a training pair, so that each kind of pair fills its `share` of a batch however many pairs of it
+    there are: candidate pairs outnumber the others up to 14 to 1 (8 candidates a condition), and drawn uniformly
+    the judge barely saw a degraded image."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["kind"]] += 1
+    unknown = sorted(counts.keys() - share.keys())
+    if unknown or not any(share[k] > 0 for k in counts):
+        raise ValueError(f"reward.kind_share {share} gives no share to the pair kinds {unknown or sorted(counts)}")
+    return torch.tensor([share.get(r["kind"], 0.0) / counts[r["kind"]] for r in rows], dtype=torch.double)
+
+
+def draw_batch(train: dict, r: RewardConfig, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Query]:
+    """`r.batch_size` training pairs drawn by their kind's share (winner, loser, query). With `r.augment`
+    each pair is turned or mirrored (one of the 8 symmetries of the square, the same for both images and the
+    masked input), except the tasks of `r.augment_skip` (a mirrored glyph is not the requested text): on
+    `tiny` a judge sees ~1,000 distinct images and otherwise learns them by heart."""
+    idx = torch.multinomial(train["weight"], r.batch_size, replacement=True, generator=rng)
+    q = train["query"][idx.tolist()]
+    winner, loser, context = train["winner"][idx], train["loser"][idx], q.context
+    if r.augment:
+        sym = torch.randint(0, 8, (len(idx),), generator=rng)
+        sym[torch.tensor([t in r.augment_skip for t in q.tasks])] = 0
+        winner, loser = _symmetry(winner, sym), _symmetry(loser, sym)
+        context = None if context is None else _symmetry(context, sym)
+    return winner, loser, Query(q.tasks, q.criteria, q.prompts, context)
+
+
+def _symmetry(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+    """Row i turned by sym[i] % 4 quarter turns, then mirrored if sym[i] >= 4."""
+    out = x.clone()
+    for k in sym.unique().tolist():
+        rows = sym == k
+        y = torch.rot90(x[rows], k % 4, (2, 3))
+        out[rows] = y.flip(3) if k >= 4 else y
+    return out
+
+
+def both_orders_loss(judge: TinyJudge, winner: torch.Tensor, loser: torch.Tensor, q: Query) -> torch.Tensor:
     """Cross-entropy on (winner, loser) -> Yes and (loser, winner) -> No."""
-    q = d["query"][idx.tolist()]
-    first = torch.cat([d["winner"][idx], d["loser"][idx]])
-    second = torch.cat([d["loser"][idx], d["winner"][idx]])
-    labels = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))]).long()  # 0 = Yes, 1 = No
+    first, second = torch.cat([winner, loser]), torch.cat([loser, winner])
+    labels = torch.cat([torch.zeros(len(winner)), torch.ones(len(winner))]).long()  # 0 = Yes, 1 = No
     return F.cross_entropy(judge.yes_no_logits(first, second, q + q), labels)
 
 
@@ -178,21 +221,20 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
         return None
     q = train["query"]
     keys = sorted(set(zip(q.tasks, q.criteria, strict=True)))
-    cell = torch.tensor([keys.index(k) for k in zip(q.tasks, q.criteria, strict=True)])
     rng = torch.Generator().manual_seed(seed)
     head = (torch.randn(len(keys), judge.shape.text_hidden, generator=rng) / judge.shape.text_hidden**0.5)
     head.requires_grad_(True)
     params = [*judge.model.model.visual.parameters(), head]
     opt = torch.optim.AdamW(params, lr=r.lr)
-    n, b, losses = len(train["winner"]), r.batch_size, []
+    b, losses = r.batch_size, []
     with Progress(transient=False) as bar:
         task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps)
         for step in range(r.vision_warmup_steps):
             judge.model.train()
-            idx = torch.randint(0, n, (b,), generator=rng)
-            context = None if q.context is None else q.context[idx].repeat(2, 1, 1, 1)
-            feats = judge.image_features(torch.cat([train["winner"][idx], train["loser"][idx]]), context)
-            w = head[cell[idx]]
+            winner, loser, bq = draw_batch(train, r, rng)
+            context = None if bq.context is None else bq.context.repeat(2, 1, 1, 1)
+            feats = judge.image_features(torch.cat([winner, loser]), context)
+            w = head[torch.tensor([keys.index(k) for k in zip(bq.tasks, bq.criteria, strict=True)])]
             loss = F.softplus((feats[b:] * w).sum(-1) - (feats[:b] * w).sum(-1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -212,14 +254,13 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], context: dict, r:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
     opt = torch.optim.AdamW(judge.parameters(), lr=r.lr)
     rng = torch.Generator().manual_seed(seed)
-    n = len(train["winner"])
     with Progress(transient=False) as bar:
         task = bar.add_task(label, total=r.steps)
         for step in range(r.steps):
             judge.model.train()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r)
-            loss = both_orders_loss(judge, train, torch.randint(0, n, (r.batch_size,), generator=rng))
+            loss = both_orders_loss(judge, *draw_batch(train, r, rng))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
@@ -259,7 +300,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
           f"{r.steps} steps of {r.batch_size} pairs (both orders)",
           flush=True)
     t0 = time.perf_counter()
-    train_pairs = pair_tensors(train, context)
+    train_pairs = training_pairs(train, context, r)
     warmup_loss = warm_up_vision(judge, train_pairs, r, s.seed, stage)
     fit_judge(judge, train_pairs, held, context, r, s.seed, stage)
     metrics = evaluate_judge(judge, held, context)
