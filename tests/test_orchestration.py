@@ -15,9 +15,11 @@ from onereward.pipeline import GRAPH, Graph, Output, Resources, Stage
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fraction=0.25",
         "masks.mix_tolerance=0.3", "pretrain.steps=8", "pretrain.batch_size=8", "pretrain.eval_conditions=4",
-        "candidates.max_conditions=4", "candidates.per_condition=2", "candidates.steps=[2]",
-        "candidates.guidance=[1.0]",
-        "pretrain.gate_tasks=[]"]  # 8 steps cannot beat the baselines; the gate has its own test
+        "candidates.max_conditions=8", "candidates.per_condition=2", "candidates.steps=[2]",
+        "candidates.guidance=[1.0]", "reward.vision_warmup_steps=2", "reward.steps=3", "reward.batch_size=4",
+        "reward.heldout_fraction=0.5",
+        # 8 steps cannot beat the baselines, 3 cannot make a judge; both gates have their own tests
+        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]"]
 PENDING = "onereward.stages.pending:not_implemented"
 IMPLEMENTED = Graph(tuple(s for s in GRAPH if s.func != PENDING))
 FIRST_PENDING = next(s.name for s in GRAPH if s.func == PENDING)
@@ -77,9 +79,12 @@ def test_kfp_local_runs_implemented_stages(tmp_path, home):
     run_local(TINY, "tiny", str(tmp_path / "kfp-root"), IMPLEMENTED)
     [manifest] = (tmp_path / "kfp-root").glob("*/generate-candidates/candidates/_MANIFEST.json")
     cands = storage.Artifact(str(manifest.parent)).read_table()
-    assert cands.num_rows == 4 * 2
+    assert cands.num_rows == 8 * 2
     [prefs] = (tmp_path / "kfp-root").glob("*/label-preferences/preferences/_MANIFEST.json")
     assert storage.Artifact(str(prefs.parent)).read_table().num_rows > 0
+    for task, output in (("train-reward", "reward_model"), ("train-audit-reward", "audit_model")):
+        [judge] = (tmp_path / "kfp-root").glob(f"*/{task}/{output}/_MANIFEST.json")
+        assert storage.Artifact(str(judge.parent)).read_json("registry.json")["version"].isdigit()
 
 
 def _dagbag():

@@ -3,7 +3,6 @@ held-out conditions, is saved as safetensors and registered under its own name; 
 fails the sanity gate and is not registered."""
 
 import io
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -19,9 +18,7 @@ from onereward.stages.train_reward import JudgeGateFailed
 TASKS = {"fill": "alignment", "removal": "removal_quality"}
 KIND_OF = ("target_vs_cand", "cand_vs_degraded", "cand_vs_cand")
 GATED = "reward.gate_tasks=[fill, removal]"  # the tasks these preferences have
-# the graph still marks both judge stages pending (on tiny they do not pass the gate in budget): run the functions
-STAGES = {name: replace(GRAPH.get(name), func=f"onereward.stages.train_reward:{name}")
-          for name in ("train_reward", "train_audit_reward")}
+STAGES = {name: GRAPH.get(name) for name in ("train_reward", "train_audit_reward")}
 
 
 def _png(level: float, rng: np.random.Generator) -> bytes:

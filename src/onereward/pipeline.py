@@ -139,13 +139,10 @@ GRAPH = Graph((
           (Output("preferences"),), ("seed", "labels"),
           description="winner/loser per (task, criterion) from a pluggable labeller",
           fingerprint="onereward.stages.label_preferences:import_fingerprint"),
-    # stages/train_reward.py works (tests/test_train_reward.py), but on the tiny profile's own pairs its judges
-    # do not pass the sanity gate within a budget `make run` can afford, so the graph stops before them until
-    # they do (issue 9; learning curves in the issue's notes)
-    Stage("train_reward", _pending("train_reward"), ("preferences", "conditions"),
+    Stage("train_reward", "onereward.stages.train_reward:train_reward", ("preferences", "conditions"),
           (Output("reward_model", "Model"),), ("seed", "reward"), GPU,
           description="train the VLM judge on Yes/No; sanity gate; register it"),
-    Stage("train_audit_reward", _pending("train_audit_reward"), ("preferences", "conditions"),
+    Stage("train_audit_reward", "onereward.stages.train_reward:train_audit_reward", ("preferences", "conditions"),
           (Output("audit_model", "Model"),), ("seed", "reward"), GPU,
           description="a second judge (other architecture and split) to catch reward hacking; same gate"),
     Stage("rl_finetune", _pending("rl_finetune"), ("conditions", "base_model", "reward_model", "audit_model"),
