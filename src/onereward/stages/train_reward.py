@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -82,9 +82,7 @@ def sampling_weights(rows: list[dict], share: dict[str, float]) -> torch.Tensor:
     """A weight a training pair, so that each kind of pair fills its `share` of a batch however many pairs of it
     there are: candidate pairs outnumber the others up to 14 to 1 (8 candidates a condition), and drawn uniformly
     the judge barely saw a degraded image."""
-    counts: dict[str, int] = defaultdict(int)
-    for r in rows:
-        counts[r["kind"]] += 1
+    counts = Counter(r["kind"] for r in rows)
     unknown = sorted(counts.keys() - share.keys())
     if unknown or not any(share[k] > 0 for k in counts):
         raise ValueError(f"reward.kind_share {share} gives no share to the pair kinds {unknown or sorted(counts)}")
@@ -136,9 +134,11 @@ def score_pairs(judge: TinyJudge, d: dict, batch: int = 128) -> tuple[np.ndarray
     return torch.cat(fwd).numpy(), torch.cat(rev).numpy()
 
 
-def evaluate_judge(judge: TinyJudge, rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict[str, float]:
-    fwd, rev = score_pairs(judge, pair_tensors(rows, context))
-    p_win = (fwd + 1 - rev) / 2  # the judge's P(winner better), order-averaged
+def evaluate_judge(judge: TinyJudge, rows: list[dict], pairs: dict) -> tuple[dict[str, float], np.ndarray]:
+    """Held-out metrics of `rows` (their pair_tensors: `pairs`), and the judge's order-averaged P(winner better)
+    of each row."""
+    fwd, rev = score_pairs(judge, pairs)
+    p_win = (fwd + 1 - rev) / 2
     correct = p_win > 0.5
     metrics: dict[str, float] = {"heldout.pairs": float(len(rows)), "heldout.acc.mean": float(correct.mean()),
                                  "heldout.order_gap": float(np.abs(fwd + rev - 1).mean())}
@@ -158,7 +158,7 @@ def evaluate_judge(judge: TinyJudge, rows: list[dict], context: dict[str, tuple[
     if cand:
         metrics["heldout.acc_cand.mean"] = float(np.mean([o for v in cand.values() for o in v]))
     metrics.update({k: float(np.mean(v)) for k, v in sanity.items()})
-    return metrics
+    return metrics, p_win
 
 
 def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, min_collapsed: float,
@@ -249,7 +249,7 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
     return final
 
 
-def fit_judge(judge: TinyJudge, train: dict, held: list[dict], context: dict, r: RewardConfig, seed: int,
+def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
               label: str) -> None:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
     opt = torch.optim.AdamW(judge.parameters(), lr=r.lr)
@@ -269,7 +269,7 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], context: dict, r:
             if step % 10 == 0:
                 tracking.log_metrics({"train_loss": loss.item()}, step=step)
             if (step + 1) % r.eval_every == 0 and step + 1 < r.steps:
-                m = evaluate_judge(judge, held, context)
+                m, _ = evaluate_judge(judge, held, held_pairs)
                 tracking.log_metrics({"heldout.acc.curve": m["heldout.acc.mean"],
                                       "heldout.acc_cand.curve": m.get("heldout.acc_cand.mean", 0.0)}, step=step + 1)
                 print(f"{label}: step {step + 1}/{r.steps} loss {loss.item():.4f} held-out acc "
@@ -300,16 +300,15 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
           f"{r.steps} steps of {r.batch_size} pairs (both orders)",
           flush=True)
     t0 = time.perf_counter()
-    train_pairs = training_pairs(train, context, r)
+    train_pairs, held_pairs = training_pairs(train, context, r), pair_tensors(held, context)
     warmup_loss = warm_up_vision(judge, train_pairs, r, s.seed, stage)
-    fit_judge(judge, train_pairs, held, context, r, s.seed, stage)
-    metrics = evaluate_judge(judge, held, context)
+    fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage)
+    metrics, p_win = evaluate_judge(judge, held, held_pairs)
     metrics["train_seconds"] = time.perf_counter() - t0
     if warmup_loss is not None:
         metrics["warmup.bt_loss"] = warmup_loss
     print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1), flush=True)
-    fwd, rev = score_pairs(judge, pair_tensors(held, context))
-    fig = calibration_plot((fwd + 1 - rev) / 2)
+    fig = calibration_plot(p_win)
     tracking.log_figure(fig, "calibration.png")
     check_gate(metrics, sorted(set(r.gate_tasks)), r.min_target_vs_base, r.min_base_vs_collapsed, stage)
     out = next(iter(ctx.outputs.values()))
