@@ -17,9 +17,11 @@ TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fractio
         "masks.mix_tolerance=0.3", "pretrain.steps=8", "pretrain.batch_size=8", "pretrain.eval_conditions=4",
         "candidates.max_conditions=8", "candidates.per_condition=2", "candidates.steps=[2]",
         "candidates.guidance=[1.0]", "reward.vision_warmup_steps=2", "reward.steps=3", "reward.batch_size=4",
-        "reward.heldout_fraction=0.5",
-        # 8 steps cannot beat the baselines, 3 cannot make a judge; both gates have their own tests
-        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]"]
+        "reward.heldout_fraction=0.5", "rl.steps=2", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]",
+        "rl.eval_every=2", "rl.eval_conditions=2", "rl.audit_conditions=2", "rl.bootstrap=100", "rl.grid_rows=1",
+        # 8 steps cannot beat the baselines, 3 cannot make a judge, 2 cannot improve on the base; each gate has
+        # its own test
+        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]", "rl.require_improvement=false"]
 PENDING = "onereward.stages.pending:not_implemented"
 IMPLEMENTED = Graph(tuple(s for s in GRAPH if s.func != PENDING))
 FIRST_PENDING = next(s.name for s in GRAPH if s.func == PENDING)
@@ -82,7 +84,8 @@ def test_kfp_local_runs_implemented_stages(tmp_path, home):
     assert cands.num_rows == 8 * 2
     [prefs] = (tmp_path / "kfp-root").glob("*/label-preferences/preferences/_MANIFEST.json")
     assert storage.Artifact(str(prefs.parent)).read_table().num_rows > 0
-    for task, output in (("train-reward", "reward_model"), ("train-audit-reward", "audit_model")):
+    for task, output in (("train-reward", "reward_model"), ("train-audit-reward", "audit_model"),
+                         ("rl-finetune", "policy")):
         [judge] = (tmp_path / "kfp-root").glob(f"*/{task}/{output}/_MANIFEST.json")
         assert storage.Artifact(str(judge.parent)).read_json("registry.json")["version"].isdigit()
 

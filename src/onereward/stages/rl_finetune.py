@@ -1,0 +1,475 @@
+"""rl_finetune: reward feedback learning of the generator against the ONE reward model, all tasks at once
+(OneReward, arXiv 2508.21066, Fig. 3, Alg. 1-2).
+
+Inputs: `conditions` (synthesize_masks), `base_model` (pretrain_base), `reward_model` (train_reward, the judge
+trained against), `audit_model` (train_audit_reward, the judge that checks the result).
+Output: `policy` — the fine-tuned generator (`model/`, safetensors), `heldout_metrics.json`, `samples/`,
+`registry.json`; registered as `onereward-generator@rl-candidate` with lineage tags.
+Config: `seed`, `generator`, `labels` (the criteria of each task), `rl`.
+Metrics: `heldout.<task>.bg_psnr`, `heldout.<task>.mse_mask`, `heldout.<task>.measure` for the policy and the same
+prefixed `base.`; `audit.<task>.win_rate`, `audit.<task>.win_rate_low` (95 % bootstrap lower bound), the
+same by the training judge as `reward.<task>.*`; `train.reward`, `train.<task>.reward`, `train.<task>.loss`,
+`train.<task>.clamped`, `train.grad_norm`, `val.*` curves; `early_stopped`, `best_step`.
+
+One step: each batch row draws a task by `rl.task_probs` and one of its criteria; the reference (the frozen
+base, or the policy's EMA) samples the condition from its own noise, all steps, without gradients; the policy
+denoises without gradients to a step drawn from `rl.jump_window` and predicts x0 in one jump with gradients;
+the loss is max(0, λ - P(policy better)) in both image orders (minimised: Alg. 1's "ascent" would lower the
+reward), plus a supervised flow-matching anchor on the conditions' known targets.
+
+Ground truth first: every `rl.eval_every` steps the policy samples held-out conditions; if any task's
+background PSNR falls more than `rl.max_bg_psnr_drop` dB below the base's, or its in-mask error rises more
+than `rl.max_mask_error_rise`, the run stops there (reward hacking) and the best validated step is kept. A run
+whose best step is the base itself registers nothing and fails. Training resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import Progress
+from safetensors.torch import load_file, save_file
+
+from onereward import storage, tracking
+from onereward.config import TASKS, RLConfig
+from onereward.models import data as mdata
+from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
+from onereward.models.judge import Query, TinyJudge
+from onereward.models.registry import register_generator
+from onereward.stages import GateFailed, StageContext
+from onereward.stages.label_preferences import MEASURES, Ground
+from onereward.stages.pretrain_base import load_conditions
+from onereward.stages.train_reward import _symmetry
+
+# Each task's own ground-truth measure (lower is better): what RL must move without being trained on it.
+TASK_MEASURE = {"fill": "alignment", "extend": "consistency", "removal": "residue", "text": "text_correctness"}
+
+
+class NoImprovement(GateFailed):
+    """No validated step improved on the base (with `rl.require_improvement`): nothing is registered."""
+
+
+def residue(x: torch.Tensor, g: Ground) -> torch.Tensor:
+    """Removal: the share of the removed object's difference from the background still in the output inside
+    the mask (1 = the object is all there, 0 = clean background or an unrelated error)."""
+    obj = (g.image - g.target) * g.mask
+    left = ((x - g.target) * g.mask * obj).flatten(1).sum(1)
+    return (left / (obj**2).sum().clamp_min(1e-6)).clamp_min(0)
+
+
+def task_measure(task: str, images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
+    fn = residue if TASK_MEASURE[task] == "residue" else MEASURES[TASK_MEASURE[task]]
+    return torch.cat([fn(images[i : i + 1], Ground.of(r)) for i, r in enumerate(rows)])
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class Conditions:
+    rows: list[dict]
+    batch: dict
+    context: torch.Tensor  # the masked input the judges are shown
+    by_task: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rows: list[dict]) -> Conditions:
+        b = mdata.batch_from_rows(rows)
+        by_task = defaultdict(list)
+        for i, r in enumerate(rows):
+            by_task[r["task"]].append(i)
+        return cls(rows, b, mdata.masked_input(b["images"], b["masks"]), dict(by_task))
+
+    def take(self, idx: list[int]) -> dict:
+        b = self.batch
+        return {"images": b["images"][idx], "masks": b["masks"][idx], "targets": b["targets"][idx],
+                "prompts": [b["prompts"][i] for i in idx], "tasks": [b["tasks"][i] for i in idx],
+                "context": self.context[idx], "rows": [self.rows[i] for i in idx]}
+
+
+def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, list[dict]]:
+    held = load_conditions(conditions, "heldout")
+    return {t: [r for r in held if r["task"] == t][:per_task] for t in TASKS}
+
+
+def noise_seeds(seed: int, step: int, n: int, stream: int) -> list[int]:
+    """Per-row noise seeds, a function of the step only, so a resumed run draws what the unkilled one drew."""
+    return [(seed * 1_000_003 + step * 4099 + stream * 104_729 + i) % 2**31 for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- step
+def draw_rows(train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], rng: torch.Generator
+              ) -> tuple[list[int], list[str]]:
+    tasks = [t for t in TASKS if rc.task_probs.get(t, 0) > 0 and train.by_task.get(t)]
+    probs = torch.tensor([rc.task_probs[t] for t in tasks], dtype=torch.double)
+    idx, crit = [], []
+    for k in torch.multinomial(probs, rc.batch_size, replacement=True, generator=rng).tolist():
+        pool = train.by_task[tasks[k]]
+        idx.append(pool[int(torch.randint(len(pool), (1,), generator=rng))])
+        options = criteria[tasks[k]]
+        crit.append(options[int(torch.randint(len(options), (1,), generator=rng))])
+    return idx, crit
+
+
+def p_policy_better(judge: TinyJudge, policy_img: torch.Tensor, ref_img: torch.Tensor, q: Query
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(policy better) asked both ways: (policy, reference) -> Yes, (reference, policy) -> No."""
+    first = judge.p_yes(policy_img, ref_img, q)
+    second = 1 - judge.p_yes(ref_img, policy_img, q)
+    return first, second
+
+
+def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: TinyJudge, opt, train: Conditions,
+            rc: RLConfig, criteria: dict[str, list[str]], rng: torch.Generator, seed: int, step: int,
+            phases: dict[str, float] | None = None) -> dict[str, torch.Tensor | list[str]]:
+    """One optimizer step; `phases` (if given) accumulates seconds of reference sampling, policy rollout,
+    reward scoring and backward (what benchmarks/bench_rl.py reports)."""
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        if phases is not None:
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - clock
+            clock = now
+
+    idx, crit = draw_rows(train, rc, criteria, rng)
+    b = train.take(idx)
+    n = len(idx)
+    ref_img = reference.sample(b["images"], b["masks"], b["prompts"], steps=rc.sample_steps, guidance=rc.guidance,
+                               seed=noise_seeds(seed, step, n, 0))
+    lap("reference")
+    lo, hi = rc.jump_window
+    stop = int(torch.randint(lo, hi + 1, (1,), generator=rng))
+    policy.train(True)
+    with autocast(rc.autocast, policy.device):
+        pol_img = policy.denoise_then_jump(b["images"], b["masks"], b["prompts"], stop_step=stop,
+                                           steps=rc.sample_steps, guidance=rc.guidance,
+                                           seed=noise_seeds(seed, step, n, 1))
+    lap("rollout")
+    q = Query(b["tasks"], crit, b["prompts"], b["context"])
+    seen_pol, seen_ref = pol_img.float(), ref_img
+    if rc.judge_composite:
+        keep = 1 - b["masks"].to(pol_img.device)
+        seen_pol, seen_ref = (x * (1 - keep) + b["images"] * keep for x in (seen_pol, seen_ref))
+    if rc.judge_augment:
+        sym = torch.randint(0, 8, (n,), generator=rng)
+        sym[torch.tensor([t in rc.augment_skip for t in b["tasks"]])] = 0
+        seen_pol, seen_ref = _symmetry(seen_pol, sym), _symmetry(seen_ref, sym)
+        q = Query(q.tasks, q.criteria, q.prompts, _symmetry(q.context, sym))
+    first, second = p_policy_better(judge, seen_pol, seen_ref, q)
+    per_row = (torch.relu(rc.reward_bound - first) + torch.relu(rc.reward_bound - second)) / 2
+    loss = per_row.mean()
+    if rc.background_weight > 0:  # outside the mask the answer is the input itself, for every task
+        keep = (1 - b["masks"]).to(pol_img.device)
+        loss = loss + rc.background_weight * mdata._masked_mse(pol_img.float(), b["images"], keep).mean()
+    if rc.anchor_weight > 0:
+        with autocast(rc.autocast, policy.device):
+            anchor = policy.training_loss(b["targets"], b["images"], b["masks"], b["prompts"], rng,
+                                          mask_weight=rc.mask_loss_weight)
+        loss = loss + rc.anchor_weight * anchor.float()
+    lap("reward")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), rc.grad_clip)
+    opt.step()
+    lap("backward")
+    p = ((first + second) / 2).detach()
+    return {"tasks": b["tasks"], "reward": p, "loss": per_row.detach(), "grad_norm": grad_norm.detach(),
+            "clamped": ((first.detach() >= rc.reward_bound) & (second.detach() >= rc.reward_bound)).float()}
+
+
+# ---------------------------------------------------------------------------------------------- state
+def trainable_state(gen: MaskedFlowGenerator) -> dict[str, torch.Tensor]:
+    return {f"{i}.{name}": p.detach().clone() for i, m in enumerate(gen.trainable_modules())
+            for name, p in m.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(gen: MaskedFlowGenerator, state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for i, m in enumerate(gen.trainable_modules()):
+            for name, p in m.named_parameters():
+                if p.requires_grad:
+                    p.copy_(state[f"{i}.{name}"])
+
+
+@torch.no_grad()
+def ema_update(ema: MaskedFlowGenerator, policy: MaskedFlowGenerator, decay: float) -> None:
+    for pe, pp in zip(ema.parameters(), policy.parameters(), strict=True):
+        pe.lerp_(pp, 1 - decay)
+
+
+@dataclass
+class RunState:
+    """What a resumed run must know besides the weights: validation history and the best step so far."""
+
+    evals: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_score: float = 1.0
+    stopped_at: int | None = None
+    reason: str = ""
+
+
+def _save_checkpoint(uri: str, policy, ema, best: dict, opt, rng: torch.Generator, step: int, prog: RunState
+                     ) -> None:
+    with storage.writing(uri, key=f"step-{step}", meta={"step": step}) as w:
+        policy.save(w.dir / "policy")
+        if ema is not None:
+            save_file(trainable_state(ema), str(w.path("ema.safetensors")))
+        save_file(best, str(w.path("best.safetensors")))
+        torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path("state.pt"))
+        w.write_json("progress.json", prog.__dict__)
+
+
+def _load_checkpoint(uri: str):
+    art = storage.Artifact(uri)
+    if not art.exists():
+        return None
+    local = art.local_dir()
+    state = torch.load(local / "state.pt", weights_only=True)
+    ema = load_file(str(local / "ema.safetensors")) if (local / "ema.safetensors").exists() else None
+    return (load_generator(local / "policy"), ema, load_file(str(local / "best.safetensors")), state,
+            RunState(**json.loads((local / "progress.json").read_text())))
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def sample_rows(gen: MaskedFlowGenerator, c: Conditions, rc: RLConfig, seed: int) -> torch.Tensor:
+    b = c.batch
+    return torch.cat([gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
+                                 steps=rc.sample_steps, guidance=rc.guidance, seed=seed + i)
+                      for i in range(0, len(c.rows), 64)])
+
+
+def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
+    b = c.batch
+    m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
+    return {"bg_psnr": float(m["bg_psnr"].mean()), "mse_mask": float(m["mse_mask"].mean()),
+            "measure": float(task_measure(task, out, c.rows).mean())}
+
+
+def validate(gen: MaskedFlowGenerator, val: dict[str, Conditions], rc: RLConfig, seed: int
+             ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    outs = {t: sample_rows(gen, c, rc, seed) for t, c in val.items()}
+    return {t: ground_truth(outs[t], val[t], t) for t in val}, outs
+
+
+def drift(gt: dict[str, dict[str, float]], base: dict[str, dict[str, float]], rc: RLConfig) -> list[str]:
+    """The tasks on which the policy left the data: background PSNR or in-mask error beyond the tolerance."""
+    out = []
+    for t, m in gt.items():
+        b = base[t]
+        if m["bg_psnr"] < b["bg_psnr"] - rc.max_bg_psnr_drop:
+            out.append(f"{t}: background PSNR {b['bg_psnr']:.2f} -> {m['bg_psnr']:.2f} dB")
+        if m["mse_mask"] > b["mse_mask"] * (1 + rc.max_mask_error_rise):
+            out.append(f"{t}: in-mask error {b['mse_mask']:.4f} -> {m['mse_mask']:.4f}")
+    return out
+
+
+def score(gt: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) -> float:
+    """Mean over tasks of the task's own measure relative to the base's (lower is better, the base is 1)."""
+    return float(np.mean([gt[t]["measure"] / max(base[t]["measure"], 1e-8) for t in gt]))
+
+
+def bootstrap_low(wins: np.ndarray, n: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    means = wins[rng.integers(0, len(wins), (n, len(wins)))].mean(1)
+    return float(np.quantile(means, 0.025))
+
+
+@torch.no_grad()
+def win_rates(judge: TinyJudge, policy_out: torch.Tensor, base_out: torch.Tensor, c: Conditions, task: str,
+              criteria: list[str], rc: RLConfig, seed: int) -> tuple[float, float, float]:
+    """Per condition, P(policy better than base) by the judge averaged over both orders and the task's criteria;
+    a win is P > 0.5 and a tie (the same image) half a win. Returns (win rate, its 95 % bootstrap lower bound,
+    mean P)."""
+    n = len(c.rows)
+    p = torch.zeros(n)
+    for crit in criteria:
+        q = Query([task] * n, [crit] * n, c.batch["prompts"], c.context)
+        first, second = p_policy_better(judge, policy_out, base_out, q)
+        p += (first + second) / 2 / len(criteria)
+    tie = (p - 0.5).abs() < 1e-6
+    wins = torch.where(tie, 0.5, (p > 0.5).float()).numpy()
+    return float(wins.mean()), bootstrap_low(wins, rc.bootstrap, seed), float(p.mean())
+
+
+def _grid(c: Conditions, base_out: torch.Tensor, policy_out: torch.Tensor, rows: int) -> np.ndarray:
+    b = c.batch
+    n = min(rows, len(c.rows))
+    return mdata.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
+                        base_out[i], policy_out[i], b["targets"][i]] for i in range(n)])
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def _load_judge(art: storage.Artifact) -> TinyJudge:
+    judge = TinyJudge.load(art.local_dir() / "judge")
+    judge.model.eval()
+    judge.model.requires_grad_(False)
+    return judge
+
+
+def _criteria(s) -> dict[str, list[str]]:
+    return {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
+
+
+def train(ctx: StageContext, base_dir, train_c: Conditions, val: dict[str, Conditions], judge: TinyJudge,
+          base_gt: dict) -> tuple[MaskedFlowGenerator, RunState]:
+    s = ctx.settings
+    rc = s.rl
+    criteria = _criteria(s)
+    ckpt_uri = storage.join(ctx.scratch_uri, "checkpoint")
+    resumed = _load_checkpoint(ckpt_uri)
+    base = load_generator(base_dir)
+    if resumed:
+        policy, ema_state, best, state, prog = resumed
+        start = int(state["step"])
+        print(f"rl_finetune: resuming from checkpoint at step {start} ({ckpt_uri})", flush=True)
+    else:
+        policy, ema_state, best, state, prog, start = load_generator(base_dir), None, None, None, RunState(), 0
+        best = trainable_state(policy)
+    # the reference is a second copy: the frozen base, or (ema) the policy's moving average, which starts as
+    # the base since the policy does
+    reference = base
+    if ema_state is not None:
+        load_trainable_state(reference, ema_state)
+    opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(s.seed)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+    tracking.log_metrics({"resumed_from_step": start})
+    window: dict[str, list[float]] = defaultdict(list)
+    since_eval: list[float] = []
+    t0 = time.perf_counter()
+    with Progress(transient=False) as bar:
+        task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
+        step = start
+        while step < rc.steps and prog.stopped_at is None:
+            out = rl_step(policy, reference, judge, opt, train_c, rc, criteria, rng, s.seed, step)
+            if rc.reference == "ema":
+                ema_update(reference, policy, rc.ema_decay)
+            step += 1
+            bar.advance(task_bar)
+            for t, r, lo, cl in zip(out["tasks"], out["reward"], out["loss"], out["clamped"], strict=True):
+                window[f"train.{t}.reward"].append(float(r))
+                window[f"train.{t}.loss"].append(float(lo))
+                window[f"train.{t}.clamped"].append(float(cl))
+            window["train.reward"] += out["reward"].tolist()
+            since_eval += out["reward"].tolist()
+            window["train.grad_norm"].append(float(out["grad_norm"]))
+            if step % 10 == 0 or step == rc.steps:
+                tracking.log_metrics({k: float(np.mean(v)) for k, v in window.items()}, step=step)
+                if not bar.console.is_terminal and step % 50 == 0:
+                    print(f"rl_finetune: step {step}/{rc.steps} reward {np.mean(window['train.reward']):.3f}",
+                          flush=True)
+                window.clear()
+            if step % rc.eval_every == 0 or step == rc.steps:
+                _validate_step(policy, val, base_gt, rc, s.seed, step, prog, float(np.mean(since_eval)))
+                since_eval.clear()
+                if prog.best_step == step:
+                    best = trainable_state(policy)
+            if step % rc.checkpoint_every == 0 and step < rc.steps and prog.stopped_at is None:
+                ema = reference if rc.reference == "ema" else None
+                _save_checkpoint(ckpt_uri, policy, ema, best, opt, rng, step, prog)
+    seconds = time.perf_counter() - t0
+    tracking.log_metrics({"train_seconds": seconds, "seconds_per_step": seconds / max(step - start, 1)})
+    load_trainable_state(policy, best)
+    return policy, prog
+
+
+def _validate_step(policy, val, base_gt, rc: RLConfig, seed: int, step: int, prog: RunState, reward: float
+                   ) -> None:
+    gt, _ = validate(policy, val, rc, seed)
+    drifted = drift(gt, base_gt, rc)
+    sc = score(gt, base_gt)
+    prog.evals.append({"step": step, "score": sc, "drifted": drifted, "gt": gt, "train_reward": reward})
+    tracking.log_metrics({"val.score": sc, **{f"val.{t}.{k}": v for t, m in gt.items() for k, v in m.items()}},
+                         step=step)
+    if drifted:
+        prog.stopped_at = step
+        prog.reason = "; ".join(drifted)
+        print(f"rl_finetune: stopped at step {step}, the policy left the data on held-out conditions "
+              f"({prog.reason}); keeping step {prog.best_step}", flush=True)
+    elif sc < prog.best_score:
+        prog.best_step, prog.best_score = step, sc
+    print(f"rl_finetune: step {step} training reward {reward:.3f}, held-out measure vs base {sc:.3f} (best "
+          f"{prog.best_score:.3f} at step {prog.best_step}); " + ", ".join(
+              f"{t} bg {m['bg_psnr']:.2f} dB, mask {m['mse_mask']:.4f}, measure {m['measure']:.4f}"
+              for t, m in gt.items()), flush=True)
+
+
+def rl_finetune(ctx: StageContext) -> dict[str, float]:
+    s = ctx.settings
+    rc = s.rl
+    if s.generator.kind != "tiny_unet":
+        raise NotImplementedError("rl_finetune: the flux profile's RL loop (accelerate, LoRA) is not built yet")
+    if rc.threads:
+        torch.set_num_threads(rc.threads)
+    conditions = ctx.inputs["conditions"]
+    train_rows = load_conditions(conditions, "train")
+    if not train_rows:
+        raise ValueError(f"conditions {conditions.uri}: no train rows with a target")
+    val = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.eval_conditions).items() if r}
+    audit_rows = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.audit_conditions).items() if r}
+    missing = [t for t in TASKS if rc.task_probs.get(t, 0) > 0 and t not in val]
+    if missing:
+        raise ValueError(f"rl_finetune: no held-out conditions with a target for tasks {missing}")
+    base_dir = ctx.inputs["base_model"].local_dir() / "model"
+    judge = _load_judge(ctx.inputs["reward_model"])
+    base = load_generator(base_dir)
+    base_gt, _ = validate(base, val, rc, s.seed)
+    print("rl_finetune: base on held-out conditions " + json.dumps(base_gt), flush=True)
+    policy, prog = train(ctx, base_dir, Conditions.of(train_rows), val, judge, base_gt)
+    if prog.best_step == 0 and rc.require_improvement:
+        last = prog.evals[-1] if prog.evals else {}
+        raise NoImprovement(
+            "rl_finetune: no validated step improved the held-out measures on the base ("
+            + (f"stopped at step {prog.stopped_at}: {prog.reason}" if prog.stopped_at else "no drift, no gain")
+            + "); nothing registered",
+            {"early_stopped": float(prog.stopped_at is not None), "best_step": 0.0,
+             "stopped_at": float(prog.stopped_at or 0), "val.score.last": float(last.get("score", 1.0)),
+             "train.reward.last": float(last.get("train_reward", 0.5))})
+
+    metrics: dict[str, float] = {"early_stopped": float(prog.stopped_at is not None),
+                                 "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
+    audit = _load_judge(ctx.inputs["audit_model"])
+    criteria = _criteria(s)
+    out = ctx.outputs["policy"]
+    for t, c in audit_rows.items():
+        pol, bas = sample_rows(policy, c, rc, s.seed + 7), sample_rows(base, c, rc, s.seed + 7)
+        for prefix, x in (("", pol), ("base.", bas)):
+            metrics.update({f"{prefix}heldout.{t}.{k}": v for k, v in ground_truth(x, c, t).items()})
+        for name, j in (("audit", audit), ("reward", judge)):
+            rate, low, p = win_rates(j, pol, bas, c, t, criteria[t], rc, s.seed)
+            metrics |= {f"{name}.{t}.win_rate": rate, f"{name}.{t}.win_rate_low": low, f"{name}.{t}.p_mean": p}
+        arr = _grid(c, bas, pol, rc.grid_rows)
+        out.write_bytes(f"samples/{t}.png", _png(arr))
+        tracking.log_image(arr, f"samples/{t}.png")
+    policy.save(out.dir / "model")
+    out.write_json("heldout_metrics.json", metrics)
+    out.write_json("validation.json", prog.__dict__)
+    lineage = {"artifact_key": ctx.key, "conditions": conditions.uri, "best_step": str(prog.best_step),
+               "improved": str(prog.best_step > 0).lower(), "early_stopped": str(prog.stopped_at is not None).lower(),
+               "reference": rc.reference}
+    for name in ("base_model", "reward_model", "audit_model"):
+        reg = ctx.inputs[name].read_json("registry.json")
+        lineage[f"{name}.version"] = str(reg["version"])
+        lineage[f"{name}.name"] = reg["name"]
+    version = register_generator(out.dir / "model", s.tracking.generator_model_name, "rl-candidate",
+                                 s.image_size, lineage)
+    out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
+                                     "alias": "rl-candidate"})
+    storage.delete_tree(ctx.scratch_uri)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1), flush=True)
+    return metrics | {"registered_version": float(version)}

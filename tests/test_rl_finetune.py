@@ -1,0 +1,171 @@
+"""rl_finetune on reduced sizes: the ground-truth guards, registration with lineage, early stopping of a
+deliberately high learning rate, and resuming after SIGKILL to the unkilled run's result. The judges and the base
+are trained by the real upstream stages (a few steps each); MLflow is the sqlite store under ONEREWARD_HOME."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from onereward import storage
+from onereward.config import load_config
+from onereward.runner import execute_stage, plan, run_pipeline
+from onereward.stages.label_preferences import Ground
+from onereward.stages.rl_finetune import NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
+
+UPSTREAM = [
+    "curate.sources=[{kind: procedural, count: 64}]", "masks.heldout_fraction=0.3", "masks.mix_tolerance=0.3",
+    "pretrain.steps=60", "pretrain.batch_size=16", "pretrain.eval_conditions=4", "pretrain.gate_tasks=[]",
+    "candidates.max_conditions=16", "candidates.per_condition=2", "candidates.steps=[2]", "candidates.guidance=[1.0]",
+    "reward.vision_warmup_steps=2", "reward.steps=4", "reward.batch_size=4", "reward.heldout_fraction=0.5",
+    "reward.gate_tasks=[]",  # four steps make no judge; the gate has its own test
+]
+RL = ["rl.steps=8", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]", "rl.eval_every=2",
+      "rl.checkpoint_every=2", "rl.eval_conditions=2", "rl.audit_conditions=3", "rl.bootstrap=100",
+      "rl.grid_rows=1", "rl.require_improvement=false"]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """Conditions, base and both judges, trained once for the module under one ONEREWARD_HOME."""
+    home = tmp_path_factory.mktemp("rl") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONEREWARD_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
+    return home
+
+
+@pytest.fixture
+def rl_home(upstream, monkeypatch):
+    monkeypatch.setenv("ONEREWARD_HOME", str(upstream))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return upstream
+
+
+def _step(overrides):
+    s = load_config("tiny", [*UPSTREAM, *overrides])
+    return s, next(p for p in plan(s) if p.stage.name == "rl_finetune")
+
+
+def _ground() -> Ground:
+    size = 8
+    image = torch.zeros(1, 3, size, size)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., 2:6, 2:6] = 1
+    target = image.clone()
+    image[..., 3:5, 3:5] = 0.8  # the object to remove
+    return Ground(image, mask, target, mask, None)
+
+
+def test_ground_truth_measures_and_guards():
+    g = _ground()
+    assert float(residue(g.image, g)) == pytest.approx(1.0) and float(residue(g.target, g)) == 0.0
+    half = g.target + 0.5 * (g.image - g.target)
+    assert float(residue(half, g)) == pytest.approx(0.5)
+
+    base = {"fill": {"bg_psnr": 30.0, "mse_mask": 0.04, "measure": 0.1},
+            "removal": {"bg_psnr": 32.0, "mse_mask": 0.03, "measure": 0.2}}
+    rc = load_config("tiny").rl
+    within = {"fill": {"bg_psnr": 29.2, "mse_mask": 0.043, "measure": 0.09},
+              "removal": {"bg_psnr": 32.5, "mse_mask": 0.02, "measure": 0.1}}
+    assert drift(within, base, rc) == []
+    assert score(within, base) == pytest.approx((0.9 + 0.5) / 2)
+    off = {"fill": {"bg_psnr": 28.9, "mse_mask": 0.04, "measure": 0.05},
+           "removal": {"bg_psnr": 32.0, "mse_mask": 0.034, "measure": 0.2}}
+    reasons = drift(off, base, rc)
+    assert len(reasons) == 2 and reasons[0].startswith("fill: background PSNR") and "removal: in-mask" in reasons[1]
+
+    assert bootstrap_low(np.ones(40), 200, 0) == 1.0
+    low = bootstrap_low(np.array([1.0, 0.0] * 20), 500, 0)
+    assert 0.3 < low < 0.5
+    # noise depends on the step alone, so a resumed run draws what the unkilled run drew
+    assert noise_seeds(0, 5, 3, 1) == noise_seeds(0, 5, 3, 1) != noise_seeds(0, 6, 3, 1)
+
+
+def test_registers_the_policy_with_lineage_and_metrics(rl_home, tmp_path):
+    import mlflow
+
+    s, step = _step([*RL, "rl.reference=ema"])
+    out = str(tmp_path / "policy")
+    outcome = execute_stage(step.stage, s, step.inputs, {"policy": out})
+    m = outcome.metrics
+    tasks = [t for t in ("fill", "extend", "removal", "text") if f"heldout.{t}.bg_psnr" in m]
+    assert tasks, m
+    for t in tasks:
+        for k in ("bg_psnr", "mse_mask", "measure"):
+            assert np.isfinite(m[f"heldout.{t}.{k}"]) and np.isfinite(m[f"base.heldout.{t}.{k}"])
+        assert 0 <= m[f"audit.{t}.win_rate_low"] <= m[f"audit.{t}.win_rate"] <= 1
+    art = storage.Artifact(out)
+    assert {"heldout_metrics.json", "validation.json", "registry.json"} <= set(art.files())
+    assert any(f.endswith(".safetensors") for f in art.files("model/"))
+    validation = art.read_json("validation.json")
+    assert [e["step"] for e in validation["evals"]] == [2, 4, 6, 8]
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version_by_alias("onereward-generator", "rl-candidate")
+    assert str(mv.version) == art.read_json("registry.json")["version"]
+    for name in ("base_model", "reward_model", "audit_model"):
+        reg = storage.Artifact(step.inputs[name]).read_json("registry.json")
+        assert mv.tags[f"{name}.version"] == reg["version"] and mv.tags[f"{name}.name"] == reg["name"]
+    assert mv.tags["reference"] == "ema" and mv.tags["improved"] in ("true", "false")
+    run = client.search_runs([client.get_experiment_by_name("onereward").experiment_id],
+                             "tags.stage = 'rl_finetune'")[0]
+    assert "train.reward" in run.data.metrics and "val.score" in run.data.metrics
+
+
+def test_a_deliberately_high_learning_rate_is_stopped_and_not_registered(rl_home, tmp_path):
+    import mlflow
+
+    before = {a for v in mlflow.MlflowClient().search_model_versions("name='onereward-generator'")
+              for a in v.aliases}
+    s, step = _step([*RL, "rl.steps=40", "rl.lr=0.02", "rl.require_improvement=true"])
+    out = str(tmp_path / "policy")
+    with pytest.raises(NoImprovement, match=r"stopped at step \d+: \w+: (background PSNR|in-mask error)") as err:
+        execute_stage(step.stage, s, step.inputs, {"policy": out})
+    assert err.value.metrics["early_stopped"] == 1.0 and err.value.metrics["stopped_at"] < 40
+    assert not storage.Artifact(out).exists()
+    after = {a for v in mlflow.MlflowClient().search_model_versions("name='onereward-generator'") for a in v.aliases}
+    assert after == before  # rl-candidate did not move
+
+
+def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
+    from safetensors.torch import load_file
+
+    overrides = [*RL, "rl.steps=12"]
+    s, step = _step(overrides)
+    out = str(tmp_path / "killed" / "policy")
+    ckpt = storage.Artifact(f"{out}.scratch/checkpoint")
+    cmd = [sys.executable, "-m", "onereward", "stage", "rl_finetune",
+           *[a for name, uri in step.inputs.items() for a in ("--in", f"{name}={uri}")], "--out", f"policy={out}"]
+    for o in [*UPSTREAM, *overrides]:
+        cmd += ["--set", o]
+    env = {**os.environ, "ONEREWARD_HOME": str(rl_home)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "a checkpoint should exist before the kill"
+    killed_at = ckpt.manifest["step"]
+    assert 0 < killed_at < 12 and not storage.Artifact(out).exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from checkpoint at step {killed_at}" in done.stdout + done.stderr
+    resumed = storage.Artifact(out)
+    assert resumed.exists() and not ckpt.exists()
+
+    unkilled = str(tmp_path / "unkilled" / "policy")
+    execute_stage(step.stage, s, step.inputs, {"policy": unkilled})
+    assert resumed.read_json("validation.json") == storage.Artifact(unkilled).read_json("validation.json")
+    for rel in [f for f in resumed.files("model/") if f.endswith(".safetensors")]:
+        a = load_file(resumed.local_dir() / rel)
+        b = load_file(storage.Artifact(unkilled).local_dir() / rel)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
