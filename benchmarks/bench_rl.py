@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -67,16 +70,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--one", choices=["base", "ema"], help=argparse.SUPPRESS)  # a child process measures one mode
     args = ap.parse_args()
-    print(f"RL step, batch {args.batch}, {torch.get_num_threads()} threads, tiny generator and judge")
+    if args.one:
+        phases, seconds = run(args.batch, args.steps, args.one)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"phases": phases, "seconds": seconds, "peak_mib": peak}))
+        return
+    print(f"RL step, batch {args.batch}, {torch.get_num_threads()} threads, tiny generator and judge "
+          "(each reference mode in its own process, for its own peak memory)")
     per_step = {}
     for reference in ("base", "ema"):
-        phases, seconds = run(args.batch, args.steps, reference)
-        per_step[reference] = seconds
-        total = sum(phases.values())
-        split = ", ".join(f"{k} {v / total:.0%}" for k, v in phases.items())
-        print(f"  reference={reference}: {seconds * 1000:.0f} ms a step ({split})")
-    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        out = subprocess.run([sys.executable, __file__, "--one", reference, "--steps", str(args.steps),
+                              "--batch", str(args.batch)], capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        per_step[reference] = r["seconds"]
+        total = sum(r["phases"].values())
+        split = ", ".join(f"{k} {v / total:.0%}" for k, v in r["phases"].items())
+        print(f"  reference={reference}: {r['seconds'] * 1000:.0f} ms a step ({split}); peak resident memory "
+              f"{r['peak_mib']:.0f} MiB")
     print(f"EMA / base step time ratio: {per_step['ema'] / per_step['base']:.2f}")
 
 

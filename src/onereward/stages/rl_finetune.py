@@ -258,6 +258,17 @@ def validate(gen: MaskedFlowGenerator, val: dict[str, Conditions], rc: RLConfig,
     return {t: ground_truth(outs[t], val[t], t) for t in val}, outs
 
 
+@dataclass
+class Validation:
+    """The held-out conditions each eval samples (fixed noise), with the base's measures and images on them."""
+
+    sets: dict[str, Conditions]
+    base: dict[str, dict[str, float]]
+    base_out: dict[str, torch.Tensor]
+    audit: TinyJudge | None = None  # scores each eval's samples against the base's, beside the ground truth
+    criteria: dict[str, list[str]] = field(default_factory=dict)
+
+
 def drift(gt: dict[str, dict[str, float]], base: dict[str, dict[str, float]], rc: RLConfig) -> list[str]:
     """The tasks on which the policy left the data: background PSNR or in-mask error beyond the tolerance."""
     out = []
@@ -323,8 +334,8 @@ def _criteria(s) -> dict[str, list[str]]:
     return {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
 
 
-def train(ctx: StageContext, base_dir, train_c: Conditions, val: dict[str, Conditions], judge: TinyJudge,
-          base_gt: dict) -> tuple[MaskedFlowGenerator, RunState]:
+def train(ctx: StageContext, base_dir, train_c: Conditions, val: Validation, judge: TinyJudge
+          ) -> tuple[MaskedFlowGenerator, RunState]:
     s = ctx.settings
     rc = s.rl
     criteria = _criteria(s)
@@ -375,7 +386,7 @@ def train(ctx: StageContext, base_dir, train_c: Conditions, val: dict[str, Condi
                           flush=True)
                 window.clear()
             if step % rc.eval_every == 0 or step == rc.steps:
-                _validate_step(policy, val, base_gt, rc, s.seed, step, prog, float(np.mean(since_eval)))
+                _validate_step(policy, val, rc, s.seed, step, prog, float(np.mean(since_eval)))
                 since_eval.clear()
                 if prog.best_step == step:
                     best = trainable_state(policy)
@@ -388,14 +399,21 @@ def train(ctx: StageContext, base_dir, train_c: Conditions, val: dict[str, Condi
     return policy, prog
 
 
-def _validate_step(policy, val, base_gt, rc: RLConfig, seed: int, step: int, prog: RunState, reward: float
+def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, prog: RunState, reward: float
                    ) -> None:
-    gt, _ = validate(policy, val, rc, seed)
-    drifted = drift(gt, base_gt, rc)
-    sc = score(gt, base_gt)
-    prog.evals.append({"step": step, "score": sc, "drifted": drifted, "gt": gt, "train_reward": reward})
-    tracking.log_metrics({"val.score": sc, **{f"val.{t}.{k}": v for t, m in gt.items() for k, v in m.items()}},
-                         step=step)
+    gt, outs = validate(policy, val.sets, rc, seed)
+    for t, out in outs.items():
+        tracking.log_image(_grid(val.sets[t], val.base_out[t], out, rc.grid_rows), f"samples/step-{step:05d}/{t}.png")
+    audit = {}
+    if val.audit is not None:
+        audit = {t: win_rates(val.audit, out, val.base_out[t], val.sets[t], t, val.criteria[t], rc, seed)[0]
+                 for t, out in outs.items()}
+    drifted = drift(gt, val.base, rc)
+    sc = score(gt, val.base)
+    prog.evals.append({"step": step, "score": sc, "drifted": drifted, "gt": gt, "train_reward": reward,
+                       "audit_win_rate": audit})
+    tracking.log_metrics({"val.score": sc, **{f"val.{t}.{k}": v for t, m in gt.items() for k, v in m.items()},
+                          **{f"val.audit.{t}.win_rate": v for t, v in audit.items()}}, step=step)
     if drifted:
         prog.stopped_at = step
         prog.reason = "; ".join(drifted)
@@ -403,8 +421,9 @@ def _validate_step(policy, val, base_gt, rc: RLConfig, seed: int, step: int, pro
               f"({prog.reason}); keeping step {prog.best_step}", flush=True)
     elif sc < prog.best_score:
         prog.best_step, prog.best_score = step, sc
-    print(f"rl_finetune: step {step} training reward {reward:.3f}, held-out measure vs base {sc:.3f} (best "
-          f"{prog.best_score:.3f} at step {prog.best_step}); " + ", ".join(
+    print(f"rl_finetune: step {step} training reward {reward:.3f}, audit win rate vs base "
+          + ", ".join(f"{t} {v:.2f}" for t, v in audit.items())
+          + f"; held-out measure vs base {sc:.3f} (best {prog.best_score:.3f} at step {prog.best_step}); " + ", ".join(
               f"{t} bg {m['bg_psnr']:.2f} dB, mask {m['mse_mask']:.4f}, measure {m['measure']:.4f}"
               for t, m in gt.items()), flush=True)
 
@@ -420,17 +439,18 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     train_rows = load_conditions(conditions, "train")
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target")
-    val = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.eval_conditions).items() if r}
+    sets = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.eval_conditions).items() if r}
     audit_rows = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.audit_conditions).items() if r}
-    missing = [t for t in TASKS if rc.task_probs.get(t, 0) > 0 and t not in val]
+    missing = [t for t in TASKS if rc.task_probs.get(t, 0) > 0 and t not in sets]
     if missing:
         raise ValueError(f"rl_finetune: no held-out conditions with a target for tasks {missing}")
     base_dir = ctx.inputs["base_model"].local_dir() / "model"
-    judge = _load_judge(ctx.inputs["reward_model"])
+    judge, audit = _load_judge(ctx.inputs["reward_model"]), _load_judge(ctx.inputs["audit_model"])
+    criteria = _criteria(s)
     base = load_generator(base_dir)
-    base_gt, _ = validate(base, val, rc, s.seed)
-    print("rl_finetune: base on held-out conditions " + json.dumps(base_gt), flush=True)
-    policy, prog = train(ctx, base_dir, Conditions.of(train_rows), val, judge, base_gt)
+    val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
+    print("rl_finetune: base on held-out conditions " + json.dumps(val.base), flush=True)
+    policy, prog = train(ctx, base_dir, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
         raise NoImprovement(
@@ -443,8 +463,6 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
 
     metrics: dict[str, float] = {"early_stopped": float(prog.stopped_at is not None),
                                  "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
-    audit = _load_judge(ctx.inputs["audit_model"])
-    criteria = _criteria(s)
     out = ctx.outputs["policy"]
     for t, c in audit_rows.items():
         pol, bas = sample_rows(policy, c, rc, s.seed + 7), sample_rows(base, c, rc, s.seed + 7)
