@@ -2,7 +2,9 @@
 achieves, and the ratio to a 1024x1024 matmul measured in the same run with the same threads and dtype.
 
 Loops measured: pretrain_base (the tiny UNet generator's step, as `stages.pretrain_base.train_step` runs
-it), with bf16 autocast off and on. The judge, RL and distillation loops join as they land.
+it), with bf16 autocast off and on; train_reward (one pairwise step of the tiny judge: both orders, backward,
+AdamW, as `stages.train_reward.fit_judge` runs it); rl_finetune (one `stages.rl_finetune.rl_step`, as in
+benchmarks/bench_rl.py). The distillation loop joins when it lands.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 12] [--batch 32]
 """
@@ -47,6 +49,46 @@ def pretrain_loop(batch: int, autocast: str):
     return lambda: train_step(gen, opt, data, g, s.pretrain)
 
 
+def judge_loop(batch: int):
+    """A pairwise step of the judge on random pairs (the cost does not depend on the pixels)."""
+    from onereward.models.judge import JudgeShape, Query, TinyJudge
+    from onereward.stages.train_reward import both_orders_loss
+
+    cells = [("fill", "alignment"), ("extend", "consistency"), ("removal", "removal_quality"),
+             ("text", "text_correctness")]
+    prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
+    judge = TinyJudge.build(cells, prompts, JudgeShape())
+    judge.model.train()
+    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    a, b, context = (torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
+    q = Query([cells[i % 4][0] for i in range(batch)], [cells[i % 4][1] for i in range(batch)],
+              [prompts[i % 4] for i in range(batch)], context)
+
+    def step():
+        loss = both_orders_loss(judge, a, b, q)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def rl_loop(batch: int):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_rl import setup
+
+    from onereward.stages.rl_finetune import rl_step
+
+    s, policy, ref, judge, opt, train, criteria = setup(batch, "base")
+    rng = torch.Generator().manual_seed(0)
+    counter = iter(range(10**9))
+    return lambda: rl_step(policy, ref, judge, opt, train, s.rl, criteria, rng, 0, next(counter))
+
+
 def measure(step, steps: int) -> tuple[float, float]:
     """(FLOPs of one step, seconds a step)."""
     for _ in range(2):
@@ -77,6 +119,11 @@ def main() -> None:
               f"{rate / 1e9:.0f} GFLOP/s = {rate / peak[dtype]:.2f}x the {dtype} matmul, "
               f"{rate / peak['fp32']:.2f}x the fp32 matmul")
     print(f"pretrain_base bf16 vs fp32 step time: {rows[0][1] / rows[1][1]:.2f}x faster")
+    for name, loop, batch in (("train_reward", judge_loop, 32), ("rl_finetune", rl_loop, 8)):
+        flops, sec = measure(loop(batch), args.steps)
+        rate = flops / sec
+        print(f"{name} [fp32] batch {batch}: {flops / 1e9:.2f} GFLOP/step, {sec:.3f} s/step, {rate / 1e9:.0f} GFLOP/s"
+              f" = {rate / peak['fp32']:.2f}x the fp32 matmul")
 
 
 if __name__ == "__main__":
