@@ -118,6 +118,28 @@ def cmd_labels_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promote(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from onereward import tracking
+    from onereward.stages import promote
+
+    name = args.model or load_config(args.config, args.set).tracking.generator_model_name
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    if args.rollback:
+        try:
+            now, previous = promote.rollback(client, name)
+        except promote.RollbackError as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        print(f"{name}: champion {now} -> {previous} (rolled back)")
+        return 0
+    print(json.dumps({alias: promote.alias_version(client, name, alias)
+                      for alias in (promote.CHAMPION, promote.CHALLENGER)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onereward", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", default="tiny", help="profile name or YAML path (labels.criteria per task)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ex.set_defaults(func=cmd_labels_export)
+
+    pr = sub.add_parser("promote", help="the generator's registry aliases: show them, or roll the champion back")
+    pr.add_argument("--rollback", action="store_true", help="point champion at the version it replaced")
+    pr.add_argument("--model", help="registered model name (default: tracking.generator_model_name)")
+    pr.add_argument("--config", default="tiny", help="profile name or YAML path")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    pr.set_defaults(func=cmd_promote)
 
     g = sub.add_parser("graph", help="print the stages and their artifacts")
     g.add_argument("--json", action="store_true")
