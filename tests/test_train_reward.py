@@ -145,7 +145,7 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
     import torch
 
     from onereward.models.judge import Query
-    from onereward.stages.train_reward import _symmetry, draw_batch, sampling_weights
+    from onereward.stages.train_reward import draw_batch, sampling_weights, square_symmetry
 
     kinds = ["cand_vs_cand"] * 90 + ["cand_vs_degraded"] * 10
     rows = [{"kind": k} for k in kinds]
@@ -158,7 +158,7 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
     winner, loser, q = draw_batch(train, r, torch.Generator().manual_seed(0))
     assert torch.allclose(loser, -winner) and torch.allclose(q.context, winner * 0.5)
     # every drawn row is one of the 8 symmetries of a source row: find which
-    variants = torch.stack([_symmetry(img, torch.full((n,), k)) for k in range(8)])  # (8, n, 3, 8, 8)
+    variants = torch.stack([square_symmetry(img, torch.full((n,), k)) for k in range(8)])  # (8, n, 3, 8, 8)
     hits = (variants[:, :, None] - winner[None, None]).abs().flatten(3).amax(-1) < 1e-6  # (8, n, batch)
     sym, src = hits.nonzero()[:, 0], hits.nonzero()[:, 1]
     assert len(src) == len(winner)  # each drawn row matches exactly one (symmetry, source)

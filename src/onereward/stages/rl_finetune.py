@@ -46,7 +46,7 @@ from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext
 from onereward.stages.label_preferences import MEASURES, Ground
 from onereward.stages.pretrain_base import load_conditions
-from onereward.stages.train_reward import _symmetry
+from onereward.stages.train_reward import square_symmetry
 
 # Each task's own ground-truth measure (lower is better): what RL must move without being trained on it.
 TASK_MEASURE = {"fill": "alignment", "extend": "consistency", "removal": "residue", "text": "text_correctness"}
@@ -160,8 +160,8 @@ def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: 
     if rc.judge_augment:
         sym = torch.randint(0, 8, (n,), generator=rng)
         sym[torch.tensor([t in rc.augment_skip for t in b["tasks"]])] = 0
-        seen_pol, seen_ref = _symmetry(seen_pol, sym), _symmetry(seen_ref, sym)
-        q = Query(q.tasks, q.criteria, q.prompts, _symmetry(q.context, sym))
+        seen_pol, seen_ref = square_symmetry(seen_pol, sym), square_symmetry(seen_ref, sym)
+        q = Query(q.tasks, q.criteria, q.prompts, square_symmetry(q.context, sym))
     first, second = p_policy_better(judge, seen_pol, seen_ref, q)
     per_row = (torch.relu(rc.reward_bound - first) + torch.relu(rc.reward_bound - second)) / 2
     loss = per_row.mean()

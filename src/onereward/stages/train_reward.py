@@ -100,12 +100,12 @@ def draw_batch(train: dict, r: RewardConfig, rng: torch.Generator) -> tuple[torc
     if r.augment:
         sym = torch.randint(0, 8, (len(idx),), generator=rng)
         sym[torch.tensor([t in r.augment_skip for t in q.tasks])] = 0
-        winner, loser = _symmetry(winner, sym), _symmetry(loser, sym)
-        context = None if context is None else _symmetry(context, sym)
+        winner, loser = square_symmetry(winner, sym), square_symmetry(loser, sym)
+        context = None if context is None else square_symmetry(context, sym)
     return winner, loser, Query(q.tasks, q.criteria, q.prompts, context)
 
 
-def _symmetry(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
+def square_symmetry(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
     """Row i turned by sym[i] % 4 quarter turns, then mirrored if sym[i] >= 4."""
     out = x.clone()
     for k in sym.unique().tolist():
