@@ -25,7 +25,6 @@ whose best step is the base itself registers nothing and fails. Training resumes
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import defaultdict
@@ -33,12 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.progress import Progress
 from safetensors.torch import load_file, save_file
 
 from onereward import storage, tracking
 from onereward.config import TASKS, RLConfig
+from onereward.data.images import to_png
 from onereward.models import data as mdata
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.judge import Query, TinyJudge
@@ -60,7 +59,7 @@ def residue(x: torch.Tensor, g: Ground) -> torch.Tensor:
     """Removal: the share of the removed object's difference from the background still in the output inside
     the mask (1 = the object is all there, 0 = clean background or an unrelated error)."""
     obj = (g.image - g.target) * g.mask
-    left = ((x - g.target) * g.mask * obj).flatten(1).sum(1)
+    left = ((x - g.target) * obj).flatten(1).sum(1)
     return (left / (obj**2).sum().clamp_min(1e-6)).clamp_min(0)
 
 
@@ -89,7 +88,7 @@ class Conditions:
         b = self.batch
         return {"images": b["images"][idx], "masks": b["masks"][idx], "targets": b["targets"][idx],
                 "prompts": [b["prompts"][i] for i in idx], "tasks": [b["tasks"][i] for i in idx],
-                "context": self.context[idx], "rows": [self.rows[i] for i in idx]}
+                "context": self.context[idx]}
 
 
 def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, list[dict]]:
@@ -316,12 +315,6 @@ def _grid(c: Conditions, base_out: torch.Tensor, policy_out: torch.Tensor, rows:
                         base_out[i], policy_out[i], b["targets"][i]] for i in range(n)])
 
 
-def _png(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 def _load_judge(art: storage.Artifact) -> TinyJudge:
     judge = TinyJudge.load(art.local_dir() / "judge")
@@ -334,14 +327,13 @@ def _criteria(s) -> dict[str, list[str]]:
     return {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
 
 
-def train(ctx: StageContext, base_dir, train_c: Conditions, val: Validation, judge: TinyJudge
-          ) -> tuple[MaskedFlowGenerator, RunState]:
+def train(ctx: StageContext, base_dir, base: MaskedFlowGenerator, train_c: Conditions, val: Validation,
+          judge: TinyJudge) -> tuple[MaskedFlowGenerator, RunState]:
     s = ctx.settings
     rc = s.rl
     criteria = _criteria(s)
     ckpt_uri = storage.join(ctx.scratch_uri, "checkpoint")
     resumed = _load_checkpoint(ckpt_uri)
-    base = load_generator(base_dir)
     if resumed:
         policy, ema_state, best, state, prog = resumed
         start = int(state["step"])
@@ -349,9 +341,8 @@ def train(ctx: StageContext, base_dir, train_c: Conditions, val: Validation, jud
     else:
         policy, ema_state, best, state, prog, start = load_generator(base_dir), None, None, None, RunState(), 0
         best = trainable_state(policy)
-    # the reference is a second copy: the frozen base, or (ema) the policy's moving average, which starts as
-    # the base since the policy does
-    reference = base
+    # the reference: the frozen base itself, or (ema) a copy of it moved towards the policy after each step
+    reference = load_generator(base_dir) if rc.reference == "ema" else base
     if ema_state is not None:
         load_trainable_state(reference, ema_state)
     opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0)
@@ -421,11 +412,12 @@ def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, 
               f"({prog.reason}); keeping step {prog.best_step}", flush=True)
     elif sc < prog.best_score:
         prog.best_step, prog.best_score = step, sc
-    print(f"rl_finetune: step {step} training reward {reward:.3f}, audit win rate vs base "
-          + ", ".join(f"{t} {v:.2f}" for t, v in audit.items())
-          + f"; held-out measure vs base {sc:.3f} (best {prog.best_score:.3f} at step {prog.best_step}); " + ", ".join(
+    print(f"rl_finetune: step {step} held-out measure vs base {sc:.3f} (best {prog.best_score:.3f} at step "
+          f"{prog.best_step}); " + ", ".join(
               f"{t} bg {m['bg_psnr']:.2f} dB, mask {m['mse_mask']:.4f}, measure {m['measure']:.4f}"
-              for t, m in gt.items()), flush=True)
+              for t, m in gt.items())
+          + "; audit win rate vs base " + ", ".join(f"{t} {v:.2f}" for t, v in audit.items())
+          + f"; training reward {reward:.3f}", flush=True)
 
 
 def rl_finetune(ctx: StageContext) -> dict[str, float]:
@@ -450,7 +442,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     base = load_generator(base_dir)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
     print("rl_finetune: base on held-out conditions " + json.dumps(val.base), flush=True)
-    policy, prog = train(ctx, base_dir, Conditions.of(train_rows), val, judge)
+    policy, prog = train(ctx, base_dir, base, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
         raise NoImprovement(
@@ -472,7 +464,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
             rate, low, p = win_rates(j, pol, bas, c, t, criteria[t], rc, s.seed)
             metrics |= {f"{name}.{t}.win_rate": rate, f"{name}.{t}.win_rate_low": low, f"{name}.{t}.p_mean": p}
         arr = _grid(c, bas, pol, rc.grid_rows)
-        out.write_bytes(f"samples/{t}.png", _png(arr))
+        out.write_bytes(f"samples/{t}.png", to_png(arr))
         tracking.log_image(arr, f"samples/{t}.png")
     policy.save(out.dir / "model")
     out.write_json("heldout_metrics.json", metrics)
