@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,33 @@ from onereward.config import GeneratorConfig
 from onereward.models.generator import META, MaskedFlowGenerator
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass(frozen=True)
+class FluxShape:
+    """Widths of randomly initialised FluxFill components; the defaults are toy width. The text encoders
+    are kept small at any width: their output widths are what the transformer sees, and a prompt is
+    encoded once, outside the sampling and RL loops."""
+
+    layers: int = 1
+    single_layers: int = 1
+    heads: int = 2
+    head_dim: int = 16
+    rope_axes: tuple[int, int, int] = (4, 6, 6)
+    text_dim: int = 32  # T5 width (joint_attention_dim)
+    pooled_dim: int = 32  # CLIP width (pooled_projection_dim)
+    text_length: int = 8  # T5 tokens the transformer attends to
+    clip_length: int = 8
+    encoder_layers: int = 1
+    vae_channels: tuple[int, ...] = (8, 16)
+    vae_layers: int = 1
+    vae_groups: int = 4
+
+
+# FLUX.1 Fill [dev]'s transformer (12B) and VAE as published in their configs; T5/CLIP outputs at full width.
+FLUX_FILL_DEV = FluxShape(layers=19, single_layers=38, heads=24, head_dim=128, rope_axes=(16, 56, 56),
+                          text_dim=4096, pooled_dim=768, text_length=512, clip_length=77,
+                          vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
 
 
 def write_pointer(path: Path, cfg: GeneratorConfig) -> None:
@@ -45,35 +73,53 @@ class FluxFillGenerator(MaskedFlowGenerator):
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
-    def build_toy(cls, image_size: int = 32, prompts: tuple[str, ...] = ("fill red circle", "extend"),
-                  seed: int = 0) -> FluxFillGenerator:
-        """Randomly initialised FluxFill-shaped components at toy width (CPU wiring tests)."""
+    def build_random(cls, image_size: int, prompts: tuple[str, ...], shape: FluxShape | None = None, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> FluxFillGenerator:
+        """Randomly initialised FluxFill components from `shape` (toy width by default; FLUX_FILL_DEV for the
+        real transformer and VAE), built straight on `device` in `dtype`."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
         from onereward.models.tokenizer import build_tokenizer
 
+        shape = shape or FluxShape()
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=4, sample_size=image_size, shift_factor=0.1159, scaling_factor=0.3611,
-            use_quant_conv=False, use_post_quant_conv=False,
-        )
-        vsf = 2 ** (len(vae.config.block_out_channels) - 1)
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=64 + 64 + 4 * vsf * vsf, out_channels=64, num_layers=1,
-            num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-            pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-        )
-        tk = build_tokenizer(prompts, 8)
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tk), hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=8,
-                                            projection_dim=32))
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tk), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                vae = AutoencoderKL(
+                    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=shape.vae_channels,
+                    down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+                    up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
+                    layers_per_block=shape.vae_layers, norm_num_groups=shape.vae_groups, sample_size=image_size,
+                    shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+                )
+                vsf = 2 ** (len(shape.vae_channels) - 1)
+                transformer = FluxTransformer2DModel(
+                    patch_size=1, in_channels=64 + 64 + 4 * vsf * vsf, out_channels=64, num_layers=shape.layers,
+                    num_single_layers=shape.single_layers, attention_head_dim=shape.head_dim,
+                    num_attention_heads=shape.heads, joint_attention_dim=shape.text_dim,
+                    pooled_projection_dim=shape.pooled_dim, guidance_embeds=True, axes_dims_rope=shape.rope_axes,
+                )
+                tk = build_tokenizer(prompts, shape.clip_length)
+                clip = CLIPTextModel(CLIPTextConfig(
+                    vocab_size=len(tk), hidden_size=shape.pooled_dim, intermediate_size=2 * shape.pooled_dim,
+                    num_hidden_layers=shape.encoder_layers, num_attention_heads=2,
+                    max_position_embeddings=shape.clip_length, projection_dim=shape.pooled_dim))
+                t5 = T5EncoderModel(T5Config(vocab_size=len(tk), d_model=shape.text_dim, d_kv=8, d_ff=64,
+                                             num_layers=shape.encoder_layers, num_heads=4))
+        finally:
+            torch.set_default_dtype(default)
         pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
                                 tokenizer=tk, text_encoder_2=t5, tokenizer_2=tk, transformer=transformer)
-        return cls(pipe, image_size, max_sequence_length=8)
+        return cls(pipe, image_size, max_sequence_length=shape.text_length)
+
+    @classmethod
+    def build_toy(cls, image_size: int = 32, prompts: tuple[str, ...] = ("fill red circle", "extend"),
+                  seed: int = 0) -> FluxFillGenerator:
+        """FluxFill-shaped components at toy width (CPU wiring tests)."""
+        return cls.build_random(image_size, prompts, FluxShape(), seed)
 
     @classmethod
     def from_pretrained(cls, uri: str, image_size: int, dtype: str = "bfloat16", lora_rank: int = 0,

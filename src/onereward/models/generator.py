@@ -169,6 +169,7 @@ class MaskedFlowGenerator(ABC):
         tt = t.view(b, *([1] * (z0.dim() - 1)))
         z_t = (1 - tt) * z0 + tt * eps
         x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts)).float()
+        z0 = z0.float()  # a bf16 target under an fp32 prediction fails mse_loss's backward
         weights = self.region_weights(masks, mask_weight) if mask_weight != 1.0 else None
         if weights is None:
             return F.mse_loss(x0, z0)

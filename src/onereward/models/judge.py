@@ -182,8 +182,8 @@ class TinyJudge:
         texts = [" ".join(w for word in query_words(t, c, p) for w in ([word] * n if word == IMAGE_PAD else [word]))
                  for t, c, p in zip(tasks, criteria, prompts, strict=True)]
         enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc["input_ids"]
-        return {"input_ids": ids, "attention_mask": enc["attention_mask"],
+        ids = enc["input_ids"].to(self.model.device)
+        return {"input_ids": ids, "attention_mask": enc["attention_mask"].to(ids.device),
                 "mm_token_type_ids": (ids == self.image_id).long()}
 
     def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, q: Query) -> torch.Tensor:
@@ -197,7 +197,7 @@ class TinyJudge:
         both = torch.stack([image1, image2], dim=1).flatten(0, 1)  # image 1, image 2 of row 0, then row 1...
         context = None if q.context is None else q.context.repeat_interleave(2, dim=0)
         g = self.shape.grid
-        grid = torch.tensor([[1, g, g]] * (2 * b))
+        grid = torch.tensor([[1, g, g]] * (2 * b), device=self.model.device)
         pixels = pixel_values(both, self.shape, context).to(self.model.dtype)
         out = self.model(**self._inputs(q.tasks, q.criteria, q.prompts), pixel_values=pixels, image_grid_thw=grid,
                          logits_to_keep=1)
