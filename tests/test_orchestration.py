@@ -19,12 +19,15 @@ TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fractio
         "candidates.guidance=[1.0]", "reward.vision_warmup_steps=2", "reward.steps=3", "reward.batch_size=4",
         "reward.heldout_fraction=0.5", "rl.steps=2", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]",
         "rl.eval_every=2", "rl.eval_conditions=2", "rl.audit_conditions=2", "rl.bootstrap=100", "rl.grid_rows=1",
-        # 8 steps cannot beat the baselines, 3 cannot make a judge, 2 cannot improve on the base; each gate has
-        # its own test
-        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]", "rl.require_improvement=false"]
+        "distill.teacher_steps=4", "distill.train_conditions=8", "distill.train_steps=2", "distill.batch_size=4",
+        "evaluate.conditions=2", "evaluate.bootstrap=100", "evaluate.latency_images=1", "evaluate.grid_rows=1",
+        # 8 steps cannot beat the baselines, 3 cannot make a judge, 2 cannot improve on the base, 2 distillation
+        # steps make no student worth promoting; each gate has its own test
+        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]", "rl.require_improvement=false",
+        "evaluate.gates.win_rate_vs_base=false", "evaluate.gates.max_bg_psnr_drop=100",
+        "evaluate.gates.max_mask_error_rise=100", "evaluate.gates.max_measure_rise=100",
+        "evaluate.gates.min_student_quality=0"]
 PENDING = "onereward.stages.pending:not_implemented"
-IMPLEMENTED = Graph(tuple(s for s in GRAPH if s.func != PENDING))
-FIRST_PENDING = next(s.name for s in GRAPH if s.func == PENDING)
 
 
 def _compile(tmp_path, graph=GRAPH):
@@ -74,20 +77,24 @@ def test_kfp_caching_is_off_exactly_for_fingerprinted_stages_and_retries_follow_
             "backoffFactor": s.retry.backoff_factor, "backoffMaxDuration": f"{s.retry.max_backoff_seconds}s"}
 
 
-def test_kfp_local_runs_implemented_stages(tmp_path, home):
+def test_kfp_local_runs_every_stage(tmp_path, home):
     from onereward import storage
     from onereward.orchestration.kfp_pipeline import run_local
 
-    run_local(TINY, "tiny", str(tmp_path / "kfp-root"), IMPLEMENTED)
+    run_local(TINY, "tiny", str(tmp_path / "kfp-root"), GRAPH)
     [manifest] = (tmp_path / "kfp-root").glob("*/generate-candidates/candidates/_MANIFEST.json")
     cands = storage.Artifact(str(manifest.parent)).read_table()
     assert cands.num_rows == 8 * 2
     [prefs] = (tmp_path / "kfp-root").glob("*/label-preferences/preferences/_MANIFEST.json")
     assert storage.Artifact(str(prefs.parent)).read_table().num_rows > 0
     for task, output in (("train-reward", "reward_model"), ("train-audit-reward", "audit_model"),
-                         ("rl-finetune", "policy")):
+                         ("rl-finetune", "policy"), ("distill", "student")):
         [judge] = (tmp_path / "kfp-root").glob(f"*/{task}/{output}/_MANIFEST.json")
         assert storage.Artifact(str(judge.parent)).read_json("registry.json")["version"].isdigit()
+    [ev] = (tmp_path / "kfp-root").glob("*/evaluate/evaluation/_MANIFEST.json")
+    assert b"verdict: PASSED" in storage.Artifact(str(ev.parent)).read_bytes("report.html")
+    [pr] = (tmp_path / "kfp-root").glob("*/promote/promotion/_MANIFEST.json")
+    assert storage.Artifact(str(pr.parent)).read_json("promotion.json")["promoted"] is True
 
 
 def _dagbag():
@@ -203,7 +210,7 @@ def test_plan_subcommand_writes_the_runners_plan(home, tmp_path, capsys):
                                                         / "curated")
 
 
-def test_dag_test_runs_implemented_stages(airflow_db, home, monkeypatch):
+def test_dag_test_runs_every_stage(airflow_db, home, monkeypatch):
     monkeypatch.setenv("ONEREWARD_DAG_MODE", "local")
     monkeypatch.setenv("ONEREWARD_OVERRIDES", json.dumps(TINY))
     dag = _dagbag().dags["onereward_retraining"]
@@ -216,12 +223,11 @@ def test_dag_test_runs_implemented_stages(airflow_db, home, monkeypatch):
         tis = {ti.task_id: ti for ti in run.get_task_instances()}
         states = {k: str(ti.state) for k, ti in tis.items()}
         assert states["plan"].endswith("success"), states
-        for s in IMPLEMENTED:
+        for s in GRAPH:
             assert states[s.name].endswith("success"), states
             result = tis[s.name].xcom_pull(task_ids=s.name)
             assert result["outputs"] == planned[s.name].outputs and result["key"] == planned[s.name].key
             assert result["status"] == ("done" if attempt == "first" else "cached"), (attempt, s.name, result)
-        assert states[FIRST_PENDING].endswith("skipped"), states
     assert storage.Artifact(planned["generate_candidates"].outputs["candidates"]).exists()
 
 

@@ -259,6 +259,60 @@ class RLConfig(Strict):
         return self
 
 
+class DistillConfig(Strict):
+    """distill: a few-step student of the RL teacher with its true CFG folded in (one pass a step), trained on the
+    teacher's own trajectories: from the teacher's point at a student grid time, one student Euler step must land
+    on the teacher's point at the next grid time."""
+
+    steps: int = Field(4, ge=1)  # the student's sampling steps (what it is registered and served with)
+    grids: list[int] = Field(default_factory=lambda: [1, 2, 4])  # step counts trained together (reported too)
+    teacher_steps: int = Field(28, ge=1)  # must be a multiple of every grid
+    teacher_guidance: float = Field(2.0, ge=1.0)  # true CFG: two passes a step
+    train_conditions: int = Field(512, ge=1)  # teacher trajectories, drawn once from the train split
+    train_steps: int = Field(400, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    mask_loss_weight: float = Field(2.0, ge=1)  # the region to generate weighs this much more than the kept one
+    autocast: Literal["auto", "bf16", "fp32"] = "auto"  # the student's training passes
+    threads: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.steps not in self.grids:
+            raise ValueError(f"steps {self.steps} must be one of grids {self.grids}")
+        bad = [g for g in self.grids if g < 1 or self.teacher_steps % g]
+        if bad:
+            raise ValueError(f"teacher_steps {self.teacher_steps} must be a multiple of every grid (not of {bad})")
+        return self
+
+
+class GateConfig(Strict):
+    """evaluate's gates, in one place. The challenger (the distilled student) is compared with the champion, or
+    with the base when there is none."""
+
+    min_audit_win_rate_low: float = Field(0.5, ge=0, le=1)  # 95 % bootstrap lower bound of the audit win rate
+    # without a champion, the win-rate gate is asked against the base (false: the first champion needs the
+    # ground-truth gates only)
+    win_rate_vs_base: bool = True
+    max_bg_psnr_drop: float = Field(0.5, ge=0)  # dB, per task, outside the mask
+    max_mask_error_rise: float = Field(0.05, ge=0)  # relative, per task
+    max_measure_rise: float = Field(0.05, ge=0)  # relative, per task, the task's own measure
+    min_student_quality: float = Field(0.95, ge=0)  # student vs teacher at its step count
+    # what the student's quality ratio is made of: the teacher/student ratio of the ground-truth measures, and
+    # the student's audit win rate vs the base over the teacher's; the gate takes the lower
+    student_quality_from: list[Literal["ground_truth", "audit"]] = Field(
+        default_factory=lambda: ["ground_truth", "audit"], min_length=1)
+
+
+class EvaluateConfig(Strict):
+    conditions: int = Field(48, ge=1)  # held-out conditions per task
+    bootstrap: int = Field(1000, ge=100)
+    same_margin: float = Field(0.05, ge=0, lt=0.5)  # |P - 0.5| below this is "Same" in Good/Same/Bad
+    latency_images: int = Field(8, ge=1)  # images timed per model for sampling latency
+    grid_rows: int = Field(4, ge=1)
+    gates: GateConfig = Field(default_factory=GateConfig)
+
+
 class Resources(Strict):
     gpu_node_pool: str = "gpu-pool"
     gpu_type: str = "nvidia.com/gpu"
@@ -296,6 +350,8 @@ class Settings(Strict):
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     rl: RLConfig = Field(default_factory=RLConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     resources: Resources = Field(default_factory=Resources)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

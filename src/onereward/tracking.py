@@ -209,6 +209,13 @@ def log_dict(obj: Any, name: str) -> None:
         mlflow.log_dict(obj, name)
 
 
+def log_text(text: str, name: str) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_text(text, name)
+
+
 def log_image(image: Any, name: str) -> None:
     import mlflow
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from onereward.data.images import from_png, to_png
 
@@ -36,6 +37,21 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor) -> torch
     """Per-image MSE over `region` (B,1,H,W), in [0,1] pixel units."""
     se = (((a - b) / 2) ** 2).mean(1, keepdim=True) * region
     return se.flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
+
+
+def masked_ssim(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Per-image SSIM (uniform window, per channel, [0, 1] pixel units) averaged over `region` (B,1,H,W)."""
+    x, y = (a + 1) / 2, (b + 1) / 2
+    pad = window // 2
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(F.pad(v, (pad,) * 4, mode="reflect"), window, stride=1)
+
+    mx, my = mean(x), mean(y)
+    vx, vy, cxy = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return (ssim.mean(1, keepdim=True) * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
 
 
 def psnr(mse: float) -> float:

@@ -126,6 +126,24 @@ class MaskedFlowGenerator(ABC):
         z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, self.schedule(steps))
         return self.to_pixels(z).clamp(-1, 1)
 
+    @torch.no_grad()
+    def trajectory(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str], *, steps: int,
+                   every: int, guidance: float = 1.0, negative_prompt: str = "", seed: int | list[int] = 0
+                   ) -> list[torch.Tensor]:
+        """The sampler's model-space states: the noise at t = 1, then the state after every `every` steps (the
+        last is the sample before decoding). What a few-step student is distilled from."""
+        if steps % every:
+            raise ValueError(f"every={every} must divide steps={steps}")
+        self.train(False)
+        images, masks = self._place(images, masks)
+        cond = self.condition(images, masks)
+        pos, neg = self._texts(prompts, guidance, negative_prompt)
+        ts = self.schedule(steps)
+        states = [self._noise(images.shape[0], seed)]
+        for a in range(0, steps, every):
+            states.append(self._run(states[-1], cond, pos, neg, guidance, ts[a : a + every + 1]))
+        return states
+
     def denoise_then_jump(
         self,
         images: torch.Tensor,

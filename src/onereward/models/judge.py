@@ -208,7 +208,8 @@ class TinyJudge:
         mean-pooled. The vision warm-up of train_reward fits these before the pairwise query is trained."""
         g = self.shape.grid
         pixels = pixel_values(images, self.shape, context).to(self.model.dtype)
-        out = self.model.model.visual(pixels, grid_thw=torch.tensor([[1, g, g]] * images.shape[0]))
+        grid = torch.tensor([[1, g, g]] * images.shape[0], device=self.model.device)
+        out = self.model.model.visual(pixels, grid_thw=grid)
         tokens = out.pooler_output  # after the 2x2 merger: tokens_per_image rows an image
         return tokens.reshape(images.shape[0], self.shape.tokens_per_image, -1).mean(1).float()
 

@@ -78,3 +78,31 @@ def rollback(client, name: str) -> tuple[str, str]:
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_model_version_tag(name, previous, ROLLED_BACK_TAG, now)
     return now, previous
+
+
+class ChampionMoved(RuntimeError):
+    """`champion` moved between evaluate and promote: the verdict was about another incumbent."""
+
+
+def promote(ctx) -> dict[str, float]:
+    """The graph stage: evaluate's verdict -> decide -> aliases. Runs only after the gates passed (a refused
+    challenger fails evaluate), and refuses to act if `champion` moved since evaluate compared against it."""
+    import mlflow
+
+    evaluation = ctx.inputs["evaluation"].read_json("evaluation.json")
+    name, candidate = evaluation["candidate"]["name"], evaluation["candidate"]["version"]
+    client = mlflow.MlflowClient()
+    champion = current_champion(client, name)
+    if champion != evaluation["champion"] and champion != candidate:
+        raise ChampionMoved(f"promote: {name}@{CHAMPION} is version {champion}, but evaluate compared against "
+                            f"{evaluation['champion']}; rerun evaluate (onereward run --force evaluate)")
+    decision = decide(candidate, champion, Verdict(evaluation["passed"], evaluation["reasons"]))
+    apply_decision(client, name, decision)
+    ctx.outputs["promotion"].write_json("promotion.json", {
+        "name": name, "candidate": candidate, "promoted": decision.promoted,
+        "previous_champion": decision.previous_champion, "reasons": decision.reasons,
+        "report": f"{ctx.inputs['evaluation'].uri}/report.html"})
+    now = current_champion(client, name)
+    print(f"promote: {name}@{CHAMPION} -> version {now}" + (" (promoted)" if decision.promoted else " (unchanged)")
+          + f"; report {ctx.inputs['evaluation'].uri}/report.html", flush=True)
+    return {"promoted": float(decision.promoted), "champion_version": float(now or 0)}

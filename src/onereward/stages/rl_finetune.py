@@ -285,27 +285,42 @@ def score(gt: dict[str, dict[str, float]], base: dict[str, dict[str, float]]) ->
     return float(np.mean([gt[t]["measure"] / max(base[t]["measure"], 1e-8) for t in gt]))
 
 
-def bootstrap_low(wins: np.ndarray, n: int, seed: int) -> float:
+def bootstrap_interval(wins: np.ndarray, n: int, seed: int) -> tuple[float, float]:
+    """95 % bootstrap interval of the mean of `wins`."""
     rng = np.random.default_rng(seed)
     means = wins[rng.integers(0, len(wins), (n, len(wins)))].mean(1)
-    return float(np.quantile(means, 0.025))
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def bootstrap_low(wins: np.ndarray, n: int, seed: int) -> float:
+    return bootstrap_interval(wins, n, seed)[0]
 
 
 @torch.no_grad()
-def win_rates(judge: TinyJudge, policy_out: torch.Tensor, base_out: torch.Tensor, c: Conditions, task: str,
-              criteria: list[str], rc: RLConfig, seed: int) -> tuple[float, float, float]:
-    """Per condition, P(policy better than base) by the judge averaged over both orders and the task's criteria;
-    a win is P > 0.5 and a tie (the same image) half a win. Returns (win rate, its 95 % bootstrap lower bound,
-    mean P)."""
+def pairwise_p(judge: TinyJudge, a_out: torch.Tensor, b_out: torch.Tensor, c: Conditions, task: str,
+               criteria: list[str]) -> torch.Tensor:
+    """Per condition, P(a better than b) by the judge, averaged over both orders and the task's criteria."""
     n = len(c.rows)
     p = torch.zeros(n)
     for crit in criteria:
         q = Query([task] * n, [crit] * n, c.batch["prompts"], c.context)
-        first, second = p_policy_better(judge, policy_out, base_out, q)
+        first, second = p_policy_better(judge, a_out, b_out, q)
         p += (first + second) / 2 / len(criteria)
+    return p
+
+
+def wins_of(p: torch.Tensor) -> np.ndarray:
+    """A win is P > 0.5; a tie (the same image, P = 0.5) is half a win."""
     tie = (p - 0.5).abs() < 1e-6
-    wins = torch.where(tie, 0.5, (p > 0.5).float()).numpy()
-    return float(wins.mean()), bootstrap_low(wins, rc.bootstrap, seed), float(p.mean())
+    return torch.where(tie, 0.5, (p > 0.5).float()).numpy()
+
+
+def win_rates(judge: TinyJudge, policy_out: torch.Tensor, base_out: torch.Tensor, c: Conditions, task: str,
+              criteria: list[str], bootstrap: int, seed: int) -> tuple[float, float, float]:
+    """(win rate of policy vs base, its 95 % bootstrap lower bound, mean P)."""
+    p = pairwise_p(judge, policy_out, base_out, c, task, criteria)
+    wins = wins_of(p)
+    return float(wins.mean()), bootstrap_low(wins, bootstrap, seed), float(p.mean())
 
 
 def _grid(c: Conditions, base_out: torch.Tensor, policy_out: torch.Tensor, rows: int) -> np.ndarray:
@@ -397,7 +412,8 @@ def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, 
         tracking.log_image(_grid(val.sets[t], val.base_out[t], out, rc.grid_rows), f"samples/step-{step:05d}/{t}.png")
     audit = {}
     if val.audit is not None:
-        audit = {t: win_rates(val.audit, out, val.base_out[t], val.sets[t], t, val.criteria[t], rc, seed)[0]
+        audit = {t: win_rates(val.audit, out, val.base_out[t], val.sets[t], t, val.criteria[t], rc.bootstrap,
+                                seed)[0]
                  for t, out in outs.items()}
     drifted = drift(gt, val.base, rc)
     sc = score(gt, val.base)
@@ -461,7 +477,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
         for prefix, x in (("", pol), ("base.", bas)):
             metrics.update({f"{prefix}heldout.{t}.{k}": v for k, v in ground_truth(x, c, t).items()})
         for name, j in (("audit", audit), ("reward", judge)):
-            rate, low, p = win_rates(j, pol, bas, c, t, criteria[t], rc, s.seed)
+            rate, low, p = win_rates(j, pol, bas, c, t, criteria[t], rc.bootstrap, s.seed)
             metrics |= {f"{name}.{t}.win_rate": rate, f"{name}.{t}.win_rate_low": low, f"{name}.{t}.p_mean": p}
         arr = _grid(c, bas, pol, rc.grid_rows)
         out.write_bytes(f"samples/{t}.png", to_png(arr))

@@ -1,0 +1,166 @@
+"""distill: a few-step student of the RL teacher with the teacher's true CFG folded in (one network pass a step).
+
+Inputs: `conditions` (synthesize_masks), `policy` (rl_finetune: the teacher).
+Output: `student` — the student generator (`model/`, safetensors), `distill_metrics.json`, `registry.json`;
+registered as `onereward-generator@distilled-candidate` with lineage tags to the teacher's version.
+Config: `seed`, `image_size`, `generator`, `distill`, `tracking`.
+Metrics: `distill.loss` (curve), and on held-out conditions, for every trained step count k,
+`heldout.match_mse.student_<k>` (the student's k-step sample vs the teacher's full sample from the same noise)
+beside `heldout.match_mse.teacher_<k>` (the teacher itself sampled with k steps and no CFG): the distillation
+worked where the student's error is below the undistilled k-step teacher's.
+
+Reflow-style step distillation: the teacher samples train conditions once (`distill.teacher_steps` steps, CFG
+`distill.teacher_guidance`), keeping its states at the times of the finest student grid. A training row draws a
+grid k and one of its segments [t_a, t_b]; from the teacher's state z_a the student's one Euler step
+z_b = x0 + (t_b / t_a)(z_a - x0) must land on the teacher's z_b, so its x0 target is (z_b - r z_a) / (1 - r),
+r = t_b / t_a. The student starts from the teacher's weights and is sampled without CFG.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from onereward import tracking
+from onereward.config import DistillConfig
+from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
+from onereward.models.registry import register_generator
+from onereward.stages import StageContext
+from onereward.stages.pretrain_base import load_conditions
+from onereward.stages.rl_finetune import Conditions, validation_rows
+
+CHUNK = 64  # conditions a sampling batch
+
+
+def seeds(seed: int, n: int, stream: int) -> list[int]:
+    return [(seed * 7919 + stream * 1_000_003 + i) % 2**31 for i in range(n)]
+
+
+def teacher_states(teacher: MaskedFlowGenerator, c: Conditions, dc: DistillConfig, seed: int) -> torch.Tensor:
+    """(finest grid + 1, N, *model space): the teacher's states at the finest student grid's times."""
+    b, n = c.batch, len(c.rows)
+    every = dc.teacher_steps // max(dc.grids)
+    noise = seeds(seed, n, 0)
+    chunks = [torch.stack(teacher.trajectory(b["images"][i : i + CHUNK], b["masks"][i : i + CHUNK],
+                                             b["prompts"][i : i + CHUNK], steps=dc.teacher_steps, every=every,
+                                             guidance=dc.teacher_guidance, seed=noise[i : i + CHUNK]))
+              for i in range(0, n, CHUNK)]
+    return torch.cat(chunks, dim=1)
+
+
+def segment_targets(states: torch.Tensor, idx: torch.Tensor, grid: int, seg: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows `idx` and segment `seg` of a `grid`-step schedule: the teacher's state at the segment's start,
+    its time t_a, and the x0 that carries one Euler step from there onto the teacher's state at its end."""
+    finest = states.shape[0] - 1
+    stride = finest // grid
+    a, b_ = seg * stride, (seg + 1) * stride
+    z_a, z_b = states[a, idx], states[b_, idx]
+    t_a, t_b = 1 - a.float() / finest, 1 - b_.float() / finest
+    r = (t_b / t_a).view(-1, *([1] * (z_a.dim() - 1))).to(z_a.dtype)
+    return z_a, t_a, (z_b - r * z_a) / (1 - r)
+
+
+def match_mse(gen: MaskedFlowGenerator, c: Conditions, reference: torch.Tensor, steps: int, guidance: float,
+              seed: int) -> float:
+    b = c.batch
+    out = gen.sample(b["images"], b["masks"], b["prompts"], steps=steps, guidance=guidance,
+                     seed=seeds(seed, len(c.rows), 1))
+    return float(((out - reference) / 2).pow(2).mean())
+
+
+def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
+                  seed: int) -> list[float]:
+    opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(seed)
+    n, b = len(c.rows), c.batch
+    losses, window = [], []
+    student.train(True)
+    with Progress(transient=False) as bar:
+        task = bar.add_task("distill", total=dc.train_steps)
+        for step in range(1, dc.train_steps + 1):
+            grid = dc.grids[int(torch.randint(len(dc.grids), (1,), generator=rng))]
+            idx = torch.randint(n, (dc.batch_size,), generator=rng)
+            seg = torch.randint(grid, (dc.batch_size,), generator=rng)
+            z_a, t_a, x0 = segment_targets(states, idx, grid, seg)
+            images, masks = student._place(b["images"][idx], b["masks"][idx])
+            with autocast(dc.autocast, student.device):
+                pred = student.predict_x0(z_a.to(student.device, student.dtype),
+                                          t_a.to(student.device, student.dtype), student.condition(images, masks),
+                                          student.encode_text([b["prompts"][i] for i in idx.tolist()]))
+            err = (pred.float() - x0.to(pred.device).float()) ** 2
+            weights = student.region_weights(masks, dc.mask_loss_weight)
+            loss = err.mean() if weights is None else (weights * err).sum() / (weights.sum() * err.shape[1])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
+            opt.step()
+            window.append(float(loss.detach()))
+            bar.advance(task)
+            if step % 10 == 0 or step == dc.train_steps:
+                losses.append(float(np.mean(window)))
+                tracking.log_metrics({"distill.loss": losses[-1]}, step=step)
+                if not bar.console.is_terminal and step % 50 == 0:
+                    print(f"distill: step {step}/{dc.train_steps} loss {losses[-1]:.5f}", flush=True)
+                window.clear()
+    student.train(False)
+    return losses
+
+
+def distill(ctx: StageContext) -> dict[str, float]:
+    s = ctx.settings
+    dc = s.distill
+    if s.generator.kind != "tiny_unet":
+        raise NotImplementedError("distill: the flux profile's student (LoRA, accelerate) is not built yet")
+    if dc.threads:
+        torch.set_num_threads(dc.threads)
+    conditions = ctx.inputs["conditions"]
+    rows = load_conditions(conditions, "train")
+    if not rows:
+        raise ValueError(f"conditions {conditions.uri}: no train rows")
+    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(s.seed))[: dc.train_conditions]
+    train = Conditions.of([rows[i] for i in sorted(pick.tolist())])
+    held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
+    teacher_dir = ctx.inputs["policy"].local_dir() / "model"
+    teacher = load_generator(teacher_dir)
+
+    t0 = time.perf_counter()
+    states = teacher_states(teacher, train, dc, s.seed)
+    traj_seconds = time.perf_counter() - t0
+    print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG {dc.teacher_guidance}) "
+          f"in {traj_seconds:.0f} s", flush=True)
+    hb = held.batch
+    reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
+                               guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
+    metrics: dict[str, float] = {"teacher_trajectory_seconds": traj_seconds}
+    for k in dc.grids:
+        metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
+
+    student = load_generator(teacher_dir)
+    t0 = time.perf_counter()
+    losses = train_student(student, train, states, dc, s.seed)
+    metrics |= {"train_seconds": time.perf_counter() - t0, "distill.loss.first": losses[0],
+                "distill.loss.last": losses[-1]}
+    for k in dc.grids:
+        metrics[f"heldout.match_mse.student_{k}"] = match_mse(student, held, reference, k, 1.0, s.seed)
+    print("distill: held-out error to the teacher's sample, student vs the teacher at the same steps: " + ", ".join(
+        f"{k} steps {metrics[f'heldout.match_mse.student_{k}']:.4f} vs {metrics[f'heldout.match_mse.teacher_{k}']:.4f}"
+        for k in dc.grids), flush=True)
+
+    out = ctx.outputs["student"]
+    student.save(out.dir / "model")
+    out.write_json("distill_metrics.json", metrics)
+    teacher_reg = ctx.inputs["policy"].read_json("registry.json")
+    lineage = {"artifact_key": ctx.key, "conditions": conditions.uri, "teacher.version": str(teacher_reg["version"]),
+               "teacher.name": teacher_reg["name"], "sample_steps": str(dc.steps), "guidance": "1.0",
+               "teacher_steps": str(dc.teacher_steps), "teacher_guidance": str(dc.teacher_guidance)}
+    version = register_generator(out.dir / "model", s.tracking.generator_model_name, "distilled-candidate",
+                                 s.image_size, lineage)
+    out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
+                                     "alias": "distilled-candidate", "sample_steps": dc.steps, "guidance": 1.0})
+    print(json.dumps({k: round(v, 5) for k, v in metrics.items()}, indent=1), flush=True)
+    return metrics | {"registered_version": float(version)}

@@ -1,0 +1,302 @@
+"""evaluate: the challenger (the distilled student) against the champion, ground truth first, then both judges;
+the gates that decide whether promote may move `champion`.
+
+Inputs: `conditions`, `base_model`, `policy` (the RL teacher), `student`, `reward_model`, `audit_model`; the
+registry's current `onereward-generator@champion`, if any (its version is recorded; promote refuses to act if
+`champion` moved in between).
+Output: `evaluation` — `evaluation.json` (verdict with every reason, metrics, candidate and champion versions),
+`report.html` (image grids per task: input | mask | base | RL | student | target, and the metric tables),
+`samples/<task>.png`. A failing gate writes nothing and fails the stage (its metrics and report still go to
+MLflow), so promote cannot run.
+Config: `seed`, `image_size`, `generator`, `labels`, `distill`, `evaluate`, `tracking`.
+Metrics: `<model>.heldout.<task>.{bg_psnr,bg_ssim,mse_mask,measure}` for base, teacher, student (also
+student_<k> for every distilled step count) and champion; `<model>.<judge>.<task>.{win_rate,win_rate_low,
+win_rate_high,good,same,bad}` vs the champion (vs the base when there is none), judge in audit | reward;
+`<model>.latency_s` (one image); `student.quality_ratio`, `student.speed_ratio`; `gate.passed`.
+
+Each model samples the same held-out conditions from the same noise at its own setting: base and teacher with
+the teacher's steps and CFG, the student and the champion with their registered step counts and no CFG.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onereward import tracking
+from onereward.config import GateConfig
+from onereward.data.images import to_png
+from onereward.models import data as mdata
+from onereward.models.generator import MaskedFlowGenerator, load_generator
+from onereward.models.judge import TinyJudge
+from onereward.stages import GateFailed, StageContext
+from onereward.stages.promote import Verdict, current_champion
+from onereward.stages.rl_finetune import (
+    Conditions,
+    _criteria,
+    _load_judge,
+    bootstrap_interval,
+    pairwise_p,
+    task_measure,
+    validation_rows,
+    wins_of,
+)
+
+JUDGES = ("audit", "reward")
+GT = ("bg_psnr", "bg_ssim", "mse_mask", "measure")  # higher is better for the first two, lower for the rest
+
+
+class GatesRefused(GateFailed):
+    """The challenger failed evaluate's gates: nothing is written and promote does not run."""
+
+
+@dataclass
+class Contender:
+    name: str  # base | teacher | student | student_<k> | champion
+    gen: MaskedFlowGenerator
+    steps: int
+    guidance: float
+    version: str | None = None
+
+
+def sample(c: Contender, cond: Conditions, seed: int) -> torch.Tensor:
+    b = cond.batch
+    noise = [(seed * 104_729 + i) % 2**31 for i in range(len(cond.rows))]  # the same noise for every model
+    return torch.cat([c.gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
+                                   steps=c.steps, guidance=c.guidance, seed=noise[i : i + 64])
+                      for i in range(0, len(cond.rows), 64)])
+
+
+def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, float]:
+    b = cond.batch
+    keep = 1 - b["masks"]
+    m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
+    return {"bg_psnr": float(m["bg_psnr"].mean()), "bg_ssim": float(mdata.masked_ssim(out, b["images"], keep).mean()),
+            "mse_mask": float(m["mse_mask"].mean()), "measure": float(task_measure(task, out, cond.rows).mean())}
+
+
+def judged(judge: TinyJudge, a: torch.Tensor, b: torch.Tensor, cond: Conditions, task: str, criteria: list[str],
+           margin: float, bootstrap: int, seed: int) -> dict[str, float]:
+    """Win rate of a over b with its 95 % bootstrap interval, and Good/Same/Bad shares (|P - 0.5| < margin is
+    Same)."""
+    p = pairwise_p(judge, a, b, cond, task, criteria)
+    wins = wins_of(p)
+    low, high = bootstrap_interval(wins, bootstrap, seed)
+    return {"win_rate": float(wins.mean()), "win_rate_low": low, "win_rate_high": high,
+            "good": float((p > 0.5 + margin).float().mean()), "same": float(((p - 0.5).abs() <= margin).float().mean()),
+            "bad": float((p < 0.5 - margin).float().mean()), "p_mean": float(p.mean())}
+
+
+def latency(c: Contender, cond: Conditions, n: int) -> float:
+    """Seconds to sample one image, the mean over `n` single-image calls (after one warm-up)."""
+    b = cond.batch
+    one = (b["images"][:1], b["masks"][:1], b["prompts"][:1])
+    c.gen.sample(*one, steps=c.steps, guidance=c.guidance, seed=0)
+    t0 = time.perf_counter()
+    for i in range(n):
+        j = i % len(cond.rows)
+        c.gen.sample(b["images"][j : j + 1], b["masks"][j : j + 1], b["prompts"][j : j + 1], steps=c.steps,
+                     guidance=c.guidance, seed=i)
+    return (time.perf_counter() - t0) / n
+
+
+def quality_ratio(student: dict[str, dict[str, float]], teacher: dict[str, dict[str, float]],
+                  student_wr: list[float], teacher_wr: list[float]) -> dict[str, float]:
+    """How much of the teacher's quality the student keeps (1 = all of it), two ways: `ground_truth`, the mean
+    over tasks of teacher/student in-mask error and task measure (lower is better), and `audit`, the student's
+    audit win rate vs the base over the teacher's, pooled over tasks."""
+    gt = float(np.mean([teacher[t][k] / max(student[t][k], 1e-8) for t in student for k in ("mse_mask", "measure")]))
+    return {"ground_truth": gt, "audit": float(np.mean(student_wr)) / max(float(np.mean(teacher_wr)), 1e-8)}
+
+
+def gates(g: GateConfig, challenger: dict[str, dict[str, float]], incumbent: dict[str, dict[str, float]],
+          incumbent_name: str, audit: dict[str, dict[str, float]], student_quality: float) -> Verdict:
+    """Every check, passed or not, as a reason; passed only if all hold."""
+    failed, held = [], []
+
+    def check(ok: bool, text: str) -> None:
+        (held if ok else failed).append(("ok: " if ok else "FAILED: ") + text)
+
+    if incumbent_name == "champion" or g.win_rate_vs_base:
+        for t, a in audit.items():
+            check(a["win_rate_low"] > g.min_audit_win_rate_low,
+                  f"{t}: audit win rate vs {incumbent_name} {a['win_rate']:.2f}, lower bound {a['win_rate_low']:.2f} "
+                  f"{'>' if a['win_rate_low'] > g.min_audit_win_rate_low else '<='} {g.min_audit_win_rate_low}")
+    else:
+        held.append("ok: no champion yet: the audit win-rate gate is not asked against the base "
+                    "(evaluate.gates.win_rate_vs_base=false); rates: "
+                    + ", ".join(f"{t} {a['win_rate']:.2f}" for t, a in audit.items()))
+    for t, m in challenger.items():
+        ref = incumbent[t]
+        drop = ref["bg_psnr"] - m["bg_psnr"]
+        check(drop <= g.max_bg_psnr_drop, f"{t}: background PSNR {m['bg_psnr']:.2f} dB vs {incumbent_name} "
+              f"{ref['bg_psnr']:.2f} (drop {drop:.2f}, tolerance {g.max_bg_psnr_drop})")
+        for k, tol in (("mse_mask", g.max_mask_error_rise), ("measure", g.max_measure_rise)):
+            rise = m[k] / max(ref[k], 1e-8) - 1
+            check(rise <= tol, f"{t}: {k} {m[k]:.4f} vs {incumbent_name} {ref[k]:.4f} ({rise:+.1%}, tolerance "
+                  f"+{tol:.0%})")
+    check(student_quality >= g.min_student_quality,
+          f"student keeps {student_quality:.3f} of the teacher's quality by {' and '.join(g.student_quality_from)} "
+          f"(minimum {g.min_student_quality})")
+    return Verdict(not failed, failed + held)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _img(arr: np.ndarray) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(to_png(arr)).decode()}">'
+
+
+def report_html(title: str, verdict: Verdict, metrics: dict[str, float], models: list[str],
+                grids: dict[str, np.ndarray]) -> str:
+    def v(key: str, fmt: str) -> str:
+        return format(metrics[key], fmt) if key in metrics else "—"
+
+    def judge_cell(m: str, j: str, t: str) -> str:
+        k = f"{m}.{j}.{t}"
+        return (f"<td>{v(k + '.win_rate', '.2f')} [{v(k + '.win_rate_low', '.2f')}, {v(k + '.win_rate_high', '.2f')}]"
+                f" G/S/B {v(k + '.good', '.2f')}/{v(k + '.same', '.2f')}/{v(k + '.bad', '.2f')}</td>")
+
+    rows = []
+    for t in grids:
+        head = "".join(f"<th>{k}</th>" for k in GT)
+        body = "".join(f"<tr><td>{m}</td>" + "".join(f"<td>{v(f'{m}.heldout.{t}.{k}', '.4f')}</td>" for k in GT)
+                       + "".join(judge_cell(m, j, t) for j in JUDGES) + "</tr>" for m in models)
+        rows.append(f"<h2>{t}</h2><p>input | mask | base | RL | student | target</p>{_img(grids[t])}"
+                    f"<table><tr><th>model</th>{head}<th>audit win rate [95 %]</th><th>reward win rate [95 %]</th>"
+                    f"</tr>{body}</table>")
+    speed = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" for k, v in sorted(metrics.items())
+                    if k.endswith(("latency_s", "_ratio")))
+    reasons = "".join(f"<li>{html.escape(r)}</li>" for r in verdict.reasons)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "img{image-rendering:pixelated}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><h2>verdict: {'PASSED' if verdict.passed else 'REFUSED'}</h2>"
+            f"<ul>{reasons}</ul><h2>speed</h2><table>{speed}</table>{''.join(rows)}</body></html>")
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+def load_champion(name: str, home: Path) -> tuple[str, MaskedFlowGenerator, int, float] | None:
+    """The registry's champion: (version, generator, sample steps, guidance) from its tags, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = current_champion(client, name)
+    if version is None:
+        return None
+    tags = client.get_model_version(name, version).tags
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
+                                                     dst_path=str(home / f"champion-{version}")))
+    folder = next(p.parent for p in local.rglob("generator.json"))
+    return version, load_generator(folder), int(tags.get("sample_steps", 4)), float(tags.get("guidance", 1.0))
+
+
+def evaluate(ctx: StageContext) -> dict[str, float]:
+    import tempfile
+
+    s = ctx.settings
+    ev, dc = s.evaluate, s.distill
+    if s.generator.kind != "tiny_unet":
+        raise NotImplementedError("evaluate: the flux profile's evaluation (GPU sampling) is not built yet")
+    criteria = _criteria(s)
+    sets = {t: Conditions.of(r) for t, r in validation_rows(ctx.inputs["conditions"], ev.conditions).items() if r}
+    judges = {"audit": _load_judge(ctx.inputs["audit_model"]), "reward": _load_judge(ctx.inputs["reward_model"])}
+    student_reg = ctx.inputs["student"].read_json("registry.json")
+    name = student_reg["name"]
+    load = lambda art: load_generator(ctx.inputs[art].local_dir() / "model")  # noqa: E731
+    student_gen = load("student")
+    contenders = [Contender("base", load("base_model"), dc.teacher_steps, dc.teacher_guidance),
+                  Contender("teacher", load("policy"), dc.teacher_steps, dc.teacher_guidance,
+                            str(ctx.inputs["policy"].read_json("registry.json")["version"])),
+                  Contender("student", student_gen, dc.steps, 1.0, str(student_reg["version"]))]
+    contenders += [Contender(f"student_{k}", student_gen, k, 1.0) for k in dc.grids if k != dc.steps]
+    with tempfile.TemporaryDirectory() as tmp:
+        champ = load_champion(name, Path(tmp))
+    if champ is not None:
+        contenders.append(Contender("champion", champ[1], champ[2], champ[3], champ[0]))
+    incumbent = "champion" if champ is not None else "base"
+    print(f"evaluate: student version {student_reg['version']} vs {incumbent}"
+          + (f" version {champ[0]}" if champ else "") + f" on {sum(len(c.rows) for c in sets.values())} held-out "
+          f"conditions", flush=True)
+
+    metrics: dict[str, float] = {}
+    gt: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in contenders}
+    outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
+    for c in contenders:
+        t0 = time.perf_counter()
+        for t, cond in sets.items():
+            outs[c.name][t] = sample(c, cond, s.seed)
+            gt[c.name][t] = ground_truth(outs[c.name][t], cond, t)
+            metrics |= {f"{c.name}.heldout.{t}.{k}": v for k, v in gt[c.name][t].items()}
+        print(f"evaluate: {c.name} ({c.steps} steps, CFG {c.guidance}) sampled in {time.perf_counter() - t0:.1f} s: "
+              + ", ".join(f"{t} bg {m['bg_psnr']:.2f} dB, mask {m['mse_mask']:.4f}, measure {m['measure']:.4f}"
+                          for t, m in gt[c.name].items()), flush=True)
+    vs_base: dict[str, dict[str, list[float]]] = {}
+    for c in contenders:
+        if c.name == incumbent:
+            continue
+        for j, judge in judges.items():
+            for t, cond in sets.items():
+                r = judged(judge, outs[c.name][t], outs[incumbent][t], cond, t, criteria[t], ev.same_margin,
+                           ev.bootstrap, s.seed)
+                metrics |= {f"{c.name}.{j}.{t}.{k}": v for k, v in r.items()}
+                if incumbent == "base" and j == "audit":
+                    vs_base.setdefault(c.name, {})[t] = r["win_rate"]
+    if incumbent == "champion":  # the quality ratio compares student and teacher against the same base
+        for c in contenders:
+            if c.name.startswith(("student", "teacher")):
+                vs_base[c.name] = {t: judged(judges["audit"], outs[c.name][t], outs["base"][t], cond, t, criteria[t],
+                                             ev.same_margin, ev.bootstrap, s.seed)["win_rate"]
+                                   for t, cond in sets.items()}
+                metrics |= {f"{c.name}.audit_vs_base.{t}.win_rate": v for t, v in vs_base[c.name].items()}
+    for c in contenders:
+        if c.name.startswith("student"):
+            parts = quality_ratio(gt[c.name], gt["teacher"], list(vs_base[c.name].values()),
+                                  list(vs_base["teacher"].values()))
+            metrics |= {f"{c.name}.quality_ratio.{k}": v for k, v in parts.items()}
+            metrics[f"{c.name}.quality_ratio"] = min(parts[k] for k in ev.gates.student_quality_from)
+
+    anyset = next(iter(sets.values()))
+    for c in contenders:
+        if c.name in ("teacher", "student") or c.name.startswith("student_"):
+            metrics[f"{c.name}.latency_s"] = latency(c, anyset, ev.latency_images)
+    metrics["student.speed_ratio"] = metrics["teacher.latency_s"] / metrics["student.latency_s"]
+    for c in contenders:
+        if c.name.startswith("student_"):
+            metrics[f"{c.name}.speed_ratio"] = metrics["teacher.latency_s"] / metrics[f"{c.name}.latency_s"]
+
+    audit = {t: {k: metrics[f"student.audit.{t}.{k}"] for k in ("win_rate", "win_rate_low")} for t in sets}
+    verdict = gates(ev.gates, gt["student"], gt[incumbent], incumbent, audit, metrics["student.quality_ratio"])
+    metrics["gate.passed"] = float(verdict.passed)
+    grids = {}
+    for t, cond in sets.items():
+        b, n = cond.batch, min(ev.grid_rows, len(cond.rows))
+        grids[t] = mdata.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
+                                outs["base"][t][i], outs["teacher"][t][i], outs["student"][t][i], b["targets"][i]]
+                               for i in range(n)])
+    order = [c.name for c in contenders]
+    page = report_html(f"onereward evaluation: {name} version {student_reg['version']} vs {incumbent}", verdict,
+                       metrics, order, grids)
+    result = {"passed": verdict.passed, "reasons": verdict.reasons, "candidate": {"name": name,
+              "version": str(student_reg["version"])}, "champion": champ[0] if champ else None,
+              "incumbent": incumbent, "metrics": metrics}
+    tracking.log_dict(result, "evaluation.json")
+    tracking.log_text(page, "report.html")
+    print("evaluate: gates " + ("PASSED" if verdict.passed else "REFUSED") + "\n  " + "\n  ".join(verdict.reasons),
+          flush=True)
+    if not verdict.passed:
+        raise GatesRefused("evaluate: the challenger failed the gates; nothing promoted:\n  "
+                           + "\n  ".join(r for r in verdict.reasons if r.startswith("FAILED")), metrics)
+    out = ctx.outputs["evaluation"]
+    out.write_json("evaluation.json", result)
+    out.write_bytes("report.html", page.encode())
+    for t, arr in grids.items():
+        out.write_bytes(f"samples/{t}.png", to_png(arr))
+    print(f"evaluate: report {out.uri}/report.html", flush=True)
+    return metrics
+

@@ -1,0 +1,14 @@
+"""Reduced sizes shared by the tests that train the upstream stages for real (a few steps each)."""
+
+UPSTREAM = [
+    "curate.sources=[{kind: procedural, count: 64}]", "masks.heldout_fraction=0.3", "masks.mix_tolerance=0.3",
+    "pretrain.steps=60", "pretrain.batch_size=16", "pretrain.eval_conditions=4", "pretrain.gate_tasks=[]",
+    "candidates.max_conditions=16", "candidates.per_condition=2", "candidates.steps=[2]", "candidates.guidance=[1.0]",
+    "reward.vision_warmup_steps=2", "reward.steps=4", "reward.batch_size=4", "reward.heldout_fraction=0.5",
+    "reward.gate_tasks=[]",  # four steps make no judge; the gate has its own test
+]
+RL = ["rl.steps=8", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]", "rl.eval_every=2",
+      "rl.checkpoint_every=2", "rl.eval_conditions=2", "rl.audit_conditions=3", "rl.bootstrap=100",
+      "rl.grid_rows=1", "rl.require_improvement=false"]
+DISTILL = ["distill.teacher_steps=8", "distill.train_conditions=16", "distill.train_steps=6", "distill.batch_size=8"]
+EVALUATE = ["evaluate.conditions=4", "evaluate.bootstrap=200", "evaluate.latency_images=2", "evaluate.grid_rows=2"]

@@ -1,0 +1,142 @@
+"""distill, evaluate and promote on reduced sizes: the gates as a pure function; the whole graph to a first champion
+(and a second run all cached); a deliberately degraded challenger (the champion's weights plus noise) refused with
+its reasons while `champion` does not move. The upstream stages train for real (a few steps each); MLflow is the
+sqlite store under ONEREWARD_HOME."""
+
+import pytest
+import torch
+from sizes import DISTILL, EVALUATE, RL, UPSTREAM
+
+from onereward import storage
+from onereward.config import GateConfig, load_config
+from onereward.runner import execute_stage, plan, run_pipeline
+from onereward.stages.evaluate import GatesRefused, gates, quality_ratio
+from onereward.stages.promote import CHAMPION, alias_version
+
+NAME = "onereward-generator"
+SMALL = [*UPSTREAM, *RL, *DISTILL, *EVALUATE]
+# a few distillation steps make no student worth crowning on its own: the first run loosens the ground-truth
+# gates so the graph reaches promote; the refusal below runs with the profile's gates
+FIRST = ["evaluate.gates.max_bg_psnr_drop=100", "evaluate.gates.max_mask_error_rise=100",
+         "evaluate.gates.max_measure_rise=100", "evaluate.gates.min_student_quality=0"]
+
+
+def _gt(bg=30.0, mse=0.04, measure=0.1):
+    return {"bg_psnr": bg, "bg_ssim": 0.9, "mse_mask": mse, "measure": measure}
+
+
+def test_gates_pass_within_tolerance_and_name_every_failure():
+    g = GateConfig(win_rate_vs_base=False)
+    base = {"fill": _gt(), "removal": _gt(32.0, 0.03, 0.2)}
+    within = {"fill": _gt(29.6, 0.041, 0.1), "removal": _gt(32.2, 0.029, 0.19)}
+    audit = {"fill": {"win_rate": 0.5, "win_rate_low": 0.3}, "removal": {"win_rate": 0.4, "win_rate_low": 0.2}}
+    ok = gates(g, within, base, "base", audit, 0.97)
+    assert ok.passed and all(r.startswith("ok: ") for r in ok.reasons)
+    assert any("no champion yet" in r for r in ok.reasons)
+
+    worse = {"fill": _gt(29.4, 0.041, 0.1), "removal": _gt(32.0, 0.03, 0.22)}
+    bad = gates(g, worse, base, "base", audit, 0.9)
+    failed = [r for r in bad.reasons if r.startswith("FAILED")]
+    assert not bad.passed and len(failed) == 3, bad.reasons
+    assert "fill: background PSNR" in failed[0] and "removal: measure" in failed[1] and "0.900" in failed[2]
+    # against a champion the audit judge must prefer the challenger: lower bound above 0.5
+    vs_champion = gates(g, within, base, "champion", audit, 0.97)
+    assert not vs_champion.passed
+    assert "fill: audit win rate vs champion 0.50, lower bound 0.30" in vs_champion.reasons[0]
+    strict = gates(GateConfig(), within, base, "base", audit, 0.97)  # the default asks it against the base too
+    assert not strict.passed
+
+
+def test_quality_ratio_by_ground_truth_and_by_audit():
+    teacher = {"fill": _gt(mse=0.04, measure=0.1)}
+    assert quality_ratio(teacher, teacher, [0.6], [0.6]) == pytest.approx({"ground_truth": 1.0, "audit": 1.0})
+    worse_gt = quality_ratio({"fill": _gt(mse=0.05, measure=0.1)}, teacher, [0.6], [0.6])
+    assert worse_gt["ground_truth"] == pytest.approx((0.8 + 1.0) / 2)
+    assert quality_ratio(teacher, teacher, [0.3, 0.5], [0.6, 0.6])["audit"] == pytest.approx(4 / 6)
+
+
+@pytest.fixture(scope="module")
+def crowned(tmp_path_factory):
+    """The whole graph at reduced sizes, run to a first champion under one ONEREWARD_HOME."""
+    home = tmp_path_factory.mktemp("eval") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONEREWARD_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        first = run_pipeline(load_config("tiny", [*SMALL, *FIRST]))
+        second = run_pipeline(load_config("tiny", [*SMALL, *FIRST]))
+    return home, first, second
+
+
+@pytest.fixture
+def registry(crowned, monkeypatch):
+    import mlflow
+
+    from onereward import tracking
+
+    monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.setup("onereward")
+    return mlflow.MlflowClient()
+
+
+def test_first_run_crowns_the_student_and_a_second_run_is_cached(crowned, registry):
+    _, first, second = crowned
+    assert [o.status for o in first.outcomes] == ["done"] * 11
+    assert [o.status for o in second.outcomes] == ["cached"] * 11
+    outputs = {o.stage: o.outputs for o in first.outcomes}
+    student = storage.Artifact(outputs["distill"]["student"]).read_json("registry.json")
+    assert alias_version(registry, NAME, CHAMPION) == student["version"]
+    assert alias_version(registry, NAME, "distilled-candidate") == student["version"]
+    tags = registry.get_model_version(NAME, student["version"]).tags
+    teacher = storage.Artifact(outputs["rl_finetune"]["policy"]).read_json("registry.json")
+    assert tags["teacher.version"] == teacher["version"] and tags["sample_steps"] == "4"
+
+    ev = storage.Artifact(outputs["evaluate"]["evaluation"])
+    result = ev.read_json("evaluation.json")
+    assert result["passed"] and result["champion"] is None and result["incumbent"] == "base"
+    m = result["metrics"]
+    for model in ("base", "teacher", "student", "student_1", "student_2"):
+        for task in ("fill", "extend", "removal", "text"):
+            for k in ("bg_psnr", "bg_ssim", "mse_mask", "measure"):
+                assert f"{model}.heldout.{task}.{k}" in m
+    assert m["gate.passed"] == 1.0 and m["student.speed_ratio"] > 1.0 and "student.quality_ratio" in m
+    fill = {k: m[f"student.audit.fill.{k}"] for k in ("win_rate_low", "win_rate", "win_rate_high")}
+    assert fill["win_rate_low"] <= fill["win_rate"] <= fill["win_rate_high"], fill
+    page = ev.read_bytes("report.html").decode()
+    assert "verdict: PASSED" in page and "<h2>removal</h2>" in page and "data:image/png;base64," in page
+    promotion = storage.Artifact(outputs["promote"]["promotion"]).read_json("promotion.json")
+    assert promotion["promoted"] is True and promotion["report"].endswith("report.html")
+
+
+def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, registry, tmp_path):
+    import mlflow
+
+    from onereward.models.generator import load_generator
+    from onereward.models.registry import register_generator
+
+    champion = alias_version(registry, NAME, CHAMPION)
+    s = load_config("tiny", SMALL)  # the profile's gates, now against a champion
+    step = next(p for p in plan(s) if p.stage.name == "evaluate")
+    student_uri = next(p for p in plan(s) if p.stage.name == "distill").outputs["student"]
+    # the champion's weights plus noise, registered like a student
+    gen = load_generator(storage.Artifact(student_uri).local_dir() / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std().clamp_min(1e-3))
+    degraded_uri = str(tmp_path / "degraded" / "student")
+    with storage.writing(degraded_uri, key="degraded") as w:
+        gen.save(w.dir / "model")
+        with mlflow.start_run(run_name="degraded"):
+            version = register_generator(w.dir / "model", NAME, "distilled-candidate", s.image_size,
+                                         {"sample_steps": "4", "guidance": "1.0"})
+        w.write_json("registry.json", {"name": NAME, "version": version, "alias": "distilled-candidate"})
+
+    outputs = {"evaluation": str(tmp_path / "evaluation")}
+    with pytest.raises(GatesRefused) as refused:
+        execute_stage(step.stage, s, {**step.inputs, "student": degraded_uri}, outputs)
+    message = str(refused.value)
+    assert "FAILED: " in message and "vs champion" in message, message
+    assert "background PSNR" in message or "mse_mask" in message, message
+    assert alias_version(registry, NAME, CHAMPION) == champion  # did not move
+    assert not storage.Artifact(outputs["evaluation"]).exists()  # nothing half-written
