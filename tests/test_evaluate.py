@@ -140,3 +140,80 @@ def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, regist
     assert "background PSNR" in message or "mse_mask" in message, message
     assert alias_version(registry, NAME, CHAMPION) == champion  # did not move
     assert not storage.Artifact(outputs["evaluation"]).exists()  # nothing half-written
+
+
+def _post(url: str, frame: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps({"dataframe_split": frame}).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_champion_serves_an_image_per_task_and_refuses_malformed_requests(crowned, registry, tmp_path):
+    """`mlflow models serve` on loopback, the champion by alias, one request per task, then malformed ones."""
+    import base64
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    from onereward.data.images import from_png, to_png
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    # what `onereward serve` runs: this environment's mlflow, the project's tracking store
+    proc = subprocess.Popen([sys.executable, "-m", "onereward", "serve", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "mlflow models serve did not answer /ping within 180 s"
+            time.sleep(1)
+
+        def b64(arr: np.ndarray) -> str:
+            return base64.b64encode(to_png(arr)).decode()
+
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 255
+        columns = ["image", "mask", "prompt", "task"]
+        for task, prompt in (("fill", "fill red"), ("extend", ""), ("removal", "remove circle"),
+                             ("text", 'text "A7"')):
+            status, body = _post(f"{base}/invocations",
+                                 {"columns": columns, "data": [[b64(image), b64(mask), prompt, task]]})
+            assert status == 200, body
+            out = from_png(base64.b64decode(body["predictions"][0]["image"]))
+            assert out.shape == (32, 32, 3), task
+        small_mask = mask[:16, :16]
+        for row, expected in (([b64(image), b64(small_mask), "fill red", "fill"], "row 0: mask is 16x16"),
+                              ([b64(image), b64(mask), "fill red", "paint"], "row 0: task 'paint'"),
+                              ([base64.b64encode(b"not an image").decode(), b64(mask), "", "fill"],
+                               "row 0: field 'image' is not a PNG or JPEG image"),
+                              ([b64(image), b64(mask * 0), "fill red", "fill"], "row 0: mask is empty")):
+            status, body = _post(f"{base}/invocations", {"columns": columns, "data": [row]})
+            assert status == 400 and expected in body["message"], (status, body.get("message", body)[-500:])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()

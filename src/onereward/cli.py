@@ -140,6 +140,26 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(model_uri: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """`mlflow models serve` of this environment, against this project's tracking store (the scoring server's
+    uvicorn is looked up on PATH, so the environment's bin folder goes first)."""
+    from onereward import tracking
+
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    return [os.path.join(bindir, "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "-h", host, "-p", str(port)], env
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    name = args.model or load_config(args.config, args.set).tracking.generator_model_name
+    cmd, env = serve_command(f"models:/{name}@{args.alias}", args.host, args.port)
+    print(f"serving models:/{name}@{args.alias} on http://{args.host}:{args.port}/invocations", flush=True)
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onereward", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", default="tiny", help="profile name or YAML path")
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     pr.set_defaults(func=cmd_promote)
+
+    sv = sub.add_parser("serve", help="serve a generator alias over HTTP (mlflow models serve, this environment)")
+    sv.add_argument("--alias", default="champion")
+    sv.add_argument("--model", help="registered model name (default: tracking.generator_model_name)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--config", default="tiny", help="profile name or YAML path")
+    sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    sv.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("graph", help="print the stages and their artifacts")
     g.add_argument("--json", action="store_true")

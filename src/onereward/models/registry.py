@@ -21,7 +21,7 @@ def example_input(image_size: int):
     mask = np.zeros((image_size, image_size), np.uint8)
     mask[: image_size // 2] = 255
     return pd.DataFrame({"image": [base64.b64encode(to_png(img)).decode()],
-                         "mask": [base64.b64encode(to_png(mask)).decode()], "prompt": ["extend"]})
+                         "mask": [base64.b64encode(to_png(mask)).decode()], "prompt": ["extend"], "task": ["extend"]})
 
 
 def _log_and_register(code: Path, artifacts: dict[str, str], name: str, alias: str, signature,
