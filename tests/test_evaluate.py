@@ -76,6 +76,7 @@ def registry(crowned, monkeypatch):
     monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracking.setup("onereward")
+    mlflow.set_experiment("onereward")  # runs the test starts itself go where the stages' runs go
     return mlflow.MlflowClient()
 
 
