@@ -208,7 +208,9 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     judges = {"audit": _load_judge(ctx.inputs["audit_model"]), "reward": _load_judge(ctx.inputs["reward_model"])}
     student_reg = ctx.inputs["student"].read_json("registry.json")
     name = student_reg["name"]
-    load = lambda art: load_generator(ctx.inputs[art].local_dir() / "model")  # noqa: E731
+    def load(art: str) -> MaskedFlowGenerator:
+        return load_generator(ctx.inputs[art].local_dir() / "model")
+
     student_gen = load("student")
     contenders = [Contender("base", load("base_model"), dc.teacher_steps, dc.teacher_guidance),
                   Contender("teacher", load("policy"), dc.teacher_steps, dc.teacher_guidance,
