@@ -4,7 +4,8 @@ achieves, and the ratio to a 1024x1024 matmul measured in the same run with the 
 Loops measured: pretrain_base (the tiny UNet generator's step, as `stages.pretrain_base.train_step` runs
 it), with bf16 autocast off and on; train_reward (one pairwise step of the tiny judge: both orders, backward,
 AdamW, as `stages.train_reward.fit_judge` runs it); rl_finetune (one `stages.rl_finetune.rl_step`, as in
-benchmarks/bench_rl.py). The distillation loop joins when it lands.
+benchmarks/bench_rl.py); distill (one `stages.distill.distill_step` of the student on teacher states, bf16
+autocast where the stage's default "auto" turns it on).
 
     .venv/bin/python benchmarks/bench_train.py [--steps 12] [--batch 32]
 """
@@ -89,6 +90,25 @@ def rl_loop(batch: int):
     return lambda: rl_step(policy, ref, judge, opt, train, s.rl, criteria, rng, 0, next(counter))
 
 
+def distill_loop(batch: int):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_rl import setup
+
+    from onereward.stages.distill import distill_step
+
+    s, policy, _, _, _, train, _ = setup(batch, "base")
+    dc = s.distill.model_copy(update={"batch_size": batch})
+    n, finest = len(train.rows), max(dc.grids)
+    states = torch.randn(finest + 1, n, *policy.model_space_shape(1)[1:])  # the cost does not depend on them
+    opt = torch.optim.AdamW(list(policy.parameters()), lr=dc.lr)
+    rng = torch.Generator().manual_seed(0)
+    policy.train(True)
+    return lambda: distill_step(policy, opt, train, states, dc, rng)
+
+
 def measure(step, steps: int) -> tuple[float, float]:
     """(FLOPs of one step, seconds a step)."""
     for _ in range(2):
@@ -119,12 +139,13 @@ def main() -> None:
               f"{rate / 1e9:.0f} GFLOP/s = {rate / peak[dtype]:.2f}x the {dtype} matmul, "
               f"{rate / peak['fp32']:.2f}x the fp32 matmul")
     print(f"pretrain_base bf16 vs fp32 step time: {rows[0][1] / rows[1][1]:.2f}x faster")
-    for name, loop, batch in (("train_reward", judge_loop, 32), ("rl_finetune", rl_loop, 8)):
+    auto = "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"  # what autocast "auto" picks here
+    for name, loop, batch, dtype in (("train_reward", judge_loop, 32, "fp32"), ("rl_finetune", rl_loop, 8, "fp32"),
+                                     ("distill", distill_loop, 32, auto)):
         flops, sec = measure(loop(batch), args.steps)
         rate = flops / sec
-        print(f"{name} [fp32] batch {batch}: {flops / 1e9:.2f} GFLOP/step, {sec:.3f} s/step, {rate / 1e9:.0f} GFLOP/s"
-              f" = {rate / peak['fp32']:.2f}x the fp32 matmul")
-
+        print(f"{name} [{dtype}] batch {batch}: {flops / 1e9:.2f} GFLOP/step, {sec:.3f} s/step, "
+              f"{rate / 1e9:.0f} GFLOP/s = {rate / peak[dtype]:.2f}x the {dtype} matmul")
 
 if __name__ == "__main__":
     main()

@@ -73,33 +73,39 @@ def match_mse(gen: MaskedFlowGenerator, c: Conditions, reference: torch.Tensor, 
     return float(((out - reference) / 2).pow(2).mean())
 
 
+def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch.Tensor, dc: DistillConfig,
+                 rng: torch.Generator) -> float:
+    """One optimizer step on a batch of (condition, grid, segment) rows; returns the loss."""
+    b = c.batch
+    grid = dc.grids[int(torch.randint(len(dc.grids), (1,), generator=rng))]
+    idx = torch.randint(len(c.rows), (dc.batch_size,), generator=rng)
+    seg = torch.randint(grid, (dc.batch_size,), generator=rng)
+    z_a, t_a, x0 = segment_targets(states, idx, grid, seg)
+    images, masks = student._place(b["images"][idx], b["masks"][idx])
+    with autocast(dc.autocast, student.device):
+        pred = student.predict_x0(z_a.to(student.device, student.dtype), t_a.to(student.device, student.dtype),
+                                  student.condition(images, masks),
+                                  student.encode_text([b["prompts"][i] for i in idx.tolist()]))
+    err = (pred.float() - x0.to(pred.device).float()) ** 2
+    weights = student.region_weights(masks, dc.mask_loss_weight)
+    loss = err.mean() if weights is None else (weights * err).sum() / (weights.sum() * err.shape[1])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
                   seed: int) -> list[float]:
     opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(seed)
-    n, b = len(c.rows), c.batch
     losses, window = [], []
     student.train(True)
     with Progress(transient=False) as bar:
         task = bar.add_task("distill", total=dc.train_steps)
         for step in range(1, dc.train_steps + 1):
-            grid = dc.grids[int(torch.randint(len(dc.grids), (1,), generator=rng))]
-            idx = torch.randint(n, (dc.batch_size,), generator=rng)
-            seg = torch.randint(grid, (dc.batch_size,), generator=rng)
-            z_a, t_a, x0 = segment_targets(states, idx, grid, seg)
-            images, masks = student._place(b["images"][idx], b["masks"][idx])
-            with autocast(dc.autocast, student.device):
-                pred = student.predict_x0(z_a.to(student.device, student.dtype),
-                                          t_a.to(student.device, student.dtype), student.condition(images, masks),
-                                          student.encode_text([b["prompts"][i] for i in idx.tolist()]))
-            err = (pred.float() - x0.to(pred.device).float()) ** 2
-            weights = student.region_weights(masks, dc.mask_loss_weight)
-            loss = err.mean() if weights is None else (weights * err).sum() / (weights.sum() * err.shape[1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
-            opt.step()
-            window.append(float(loss.detach()))
+            window.append(distill_step(student, opt, c, states, dc, rng))
             bar.advance(task)
             if step % 10 == 0 or step == dc.train_steps:
                 losses.append(float(np.mean(window)))
