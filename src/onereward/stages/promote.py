@@ -98,11 +98,11 @@ def promote(ctx) -> dict[str, float]:
                             f"{evaluation['champion']}; rerun evaluate (onereward run --force evaluate)")
     decision = decide(candidate, champion, Verdict(evaluation["passed"], evaluation["reasons"]))
     apply_decision(client, name, decision)
+    report = f"{ctx.inputs['evaluation'].root}/report.html"  # the committed attempt's file
     ctx.outputs["promotion"].write_json("promotion.json", {
         "name": name, "candidate": candidate, "promoted": decision.promoted,
-        "previous_champion": decision.previous_champion, "reasons": decision.reasons,
-        "report": f"{ctx.inputs['evaluation'].uri}/report.html"})
+        "previous_champion": decision.previous_champion, "reasons": decision.reasons, "report": report})
     now = current_champion(client, name)
     print(f"promote: {name}@{CHAMPION} -> version {now}" + (" (promoted)" if decision.promoted else " (unchanged)")
-          + f"; report {ctx.inputs['evaluation'].uri}/report.html", flush=True)
+          + f"; report {report}", flush=True)
     return {"promoted": float(decision.promoted), "champion_version": float(now or 0)}
