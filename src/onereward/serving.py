@@ -16,7 +16,6 @@ import binascii
 import mlflow
 import pandas as pd
 
-TASKS = ("fill", "extend", "removal", "text")
 TASK_PROMPT = {"extend": "extend"}  # what a task's prompt is when the request leaves it empty
 
 
@@ -50,6 +49,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         import numpy as np
         import torch
 
+        from onereward.config import TASKS
         from onereward.models.data import to_pngs
 
         missing = {"image", "mask", "prompt", "task"} - set(model_input.columns)

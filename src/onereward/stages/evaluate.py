@@ -43,10 +43,12 @@ from onereward.stages.rl_finetune import (
     _load_judge,
     bootstrap_interval,
     pairwise_p,
-    task_measure,
+    sample_grid,
+    sample_rows,
     validation_rows,
     wins_of,
 )
+from onereward.stages.rl_finetune import ground_truth as rl_ground_truth
 
 JUDGES = ("audit", "reward")
 GT = ("bg_psnr", "bg_ssim", "mse_mask", "measure")  # higher is better for the first two, lower for the rest
@@ -66,19 +68,16 @@ class Contender:
 
 
 def sample(c: Contender, cond: Conditions, seed: int) -> torch.Tensor:
-    b = cond.batch
     noise = [(seed * 104_729 + i) % 2**31 for i in range(len(cond.rows))]  # the same noise for every model
-    return torch.cat([c.gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
-                                   steps=c.steps, guidance=c.guidance, seed=noise[i : i + 64])
-                      for i in range(0, len(cond.rows), 64)])
+    return sample_rows(c.gen, cond, c.steps, c.guidance, noise)
 
 
 def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, float]:
+    """rl_finetune's held-out measures, plus SSIM outside the mask."""
     b = cond.batch
-    keep = 1 - b["masks"]
-    m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
-    return {"bg_psnr": float(m["bg_psnr"].mean()), "bg_ssim": float(mdata.masked_ssim(out, b["images"], keep).mean()),
-            "mse_mask": float(m["mse_mask"].mean()), "measure": float(task_measure(task, out, cond.rows).mean())}
+    ssim = float(mdata.masked_ssim(out, b["images"], 1 - b["masks"]).mean())
+    gt = rl_ground_truth(out, cond, task)
+    return {"bg_psnr": gt["bg_psnr"], "bg_ssim": ssim, "mse_mask": gt["mse_mask"], "measure": gt["measure"]}
 
 
 def judged(judge: TinyJudge, a: torch.Tensor, b: torch.Tensor, cond: Conditions, task: str, criteria: list[str],
@@ -277,10 +276,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     metrics["gate.passed"] = float(verdict.passed)
     grids = {}
     for t, cond in sets.items():
-        b, n = cond.batch, min(ev.grid_rows, len(cond.rows))
-        grids[t] = mdata.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
-                                outs["base"][t][i], outs["teacher"][t][i], outs["student"][t][i], b["targets"][i]]
-                               for i in range(n)])
+        grids[t] = sample_grid(cond, [outs[m][t] for m in ("base", "teacher", "student")], ev.grid_rows)
     order = [c.name for c in contenders]
     page = report_html(f"onereward evaluation: {name} version {student_reg['version']} vs {incumbent}", verdict,
                        metrics, order, grids)

@@ -237,11 +237,17 @@ def _load_checkpoint(uri: str):
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def sample_rows(gen: MaskedFlowGenerator, c: Conditions, rc: RLConfig, seed: int) -> torch.Tensor:
+def sample_rows(gen: MaskedFlowGenerator, c: Conditions, steps: int, guidance: float, seeds: list[int]
+                ) -> torch.Tensor:
+    """Every condition sampled, 64 a batch, row i from noise seed `seeds[i]`."""
     b = c.batch
     return torch.cat([gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
-                                 steps=rc.sample_steps, guidance=rc.guidance, seed=seed + i)
+                                 steps=steps, guidance=guidance, seed=seeds[i : i + 64])
                       for i in range(0, len(c.rows), 64)])
+
+
+def rl_samples(gen: MaskedFlowGenerator, c: Conditions, rc: RLConfig, seed: int) -> torch.Tensor:
+    return sample_rows(gen, c, rc.sample_steps, rc.guidance, list(range(seed, seed + len(c.rows))))
 
 
 def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
@@ -253,7 +259,7 @@ def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float
 
 def validate(gen: MaskedFlowGenerator, val: dict[str, Conditions], rc: RLConfig, seed: int
              ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    outs = {t: sample_rows(gen, c, rc, seed) for t, c in val.items()}
+    outs = {t: rl_samples(gen, c, rc, seed) for t, c in val.items()}
     return {t: ground_truth(outs[t], val[t], t) for t in val}, outs
 
 
@@ -323,11 +329,12 @@ def win_rates(judge: TinyJudge, policy_out: torch.Tensor, base_out: torch.Tensor
     return float(wins.mean()), bootstrap_low(wins, bootstrap, seed), float(p.mean())
 
 
-def _grid(c: Conditions, base_out: torch.Tensor, policy_out: torch.Tensor, rows: int) -> np.ndarray:
+def sample_grid(c: Conditions, outputs: list[torch.Tensor], rows: int) -> np.ndarray:
+    """A row per condition: masked input | mask | each of `outputs` | target."""
     b = c.batch
     n = min(rows, len(c.rows))
     return mdata.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
-                        base_out[i], policy_out[i], b["targets"][i]] for i in range(n)])
+                        *(o[i] for o in outputs), b["targets"][i]] for i in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -409,7 +416,8 @@ def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, 
                    ) -> None:
     gt, outs = validate(policy, val.sets, rc, seed)
     for t, out in outs.items():
-        tracking.log_image(_grid(val.sets[t], val.base_out[t], out, rc.grid_rows), f"samples/step-{step:05d}/{t}.png")
+        tracking.log_image(sample_grid(val.sets[t], [val.base_out[t], out], rc.grid_rows),
+                          f"samples/step-{step:05d}/{t}.png")
     audit = {}
     if val.audit is not None:
         audit = {t: win_rates(val.audit, out, val.base_out[t], val.sets[t], t, val.criteria[t], rc.bootstrap,
@@ -473,13 +481,13 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
                                  "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
     out = ctx.outputs["policy"]
     for t, c in audit_rows.items():
-        pol, bas = sample_rows(policy, c, rc, s.seed + 7), sample_rows(base, c, rc, s.seed + 7)
+        pol, bas = rl_samples(policy, c, rc, s.seed + 7), rl_samples(base, c, rc, s.seed + 7)
         for prefix, x in (("", pol), ("base.", bas)):
             metrics.update({f"{prefix}heldout.{t}.{k}": v for k, v in ground_truth(x, c, t).items()})
         for name, j in (("audit", audit), ("reward", judge)):
             rate, low, p = win_rates(j, pol, bas, c, t, criteria[t], rc.bootstrap, s.seed)
             metrics |= {f"{name}.{t}.win_rate": rate, f"{name}.{t}.win_rate_low": low, f"{name}.{t}.p_mean": p}
-        arr = _grid(c, bas, pol, rc.grid_rows)
+        arr = sample_grid(c, [bas, pol], rc.grid_rows)
         out.write_bytes(f"samples/{t}.png", to_png(arr))
         tracking.log_image(arr, f"samples/{t}.png")
     policy.save(out.dir / "model")
