@@ -8,7 +8,10 @@ published configs in bf16. Prints time and peak GPU memory of
     then one jump with gradients, the judge in both orders plus the anchor, backward + AdamW), split by phase.
 
 The text encoders are one layer each at full output width: a prompt is encoded once, outside these loops.
-With LoRA the frozen base is the reference (the adapter starts at zero), so the step holds one copy of FLUX.
+With LoRA the frozen base is the reference, so the step holds one copy of FLUX: `--reference adapter` samples it
+through the (zero) adapter, `--reference base` with the adapter switched off (what a flux rl_finetune would do).
+`--autocast bf16` keeps the adapter in fp32 (Adam's small updates survive) and runs the policy's passes under
+bf16 autocast (`rl.autocast`), against `--lora-dtype bfloat16`, which casts the adapter itself.
 
     python benchmarks/bench_flux_gpu.py [--out FILE]     # needs a CUDA GPU with ~60 GB
     python benchmarks/bench_flux_gpu.py --toy            # the same code at toy width on CPU (a wiring check)
@@ -84,6 +87,21 @@ class Meter:
         return seconds
 
 
+class AdapterOff:
+    """The policy's frozen base as the reference: sample() with the LoRA adapter switched off."""
+
+    def __init__(self, gen):
+        self.gen = gen
+
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        tr = self.gen.pipe.transformer
+        tr.disable_adapters()
+        try:
+            return self.gen.sample(*args, **kwargs)
+        finally:
+            tr.enable_adapters()
+
+
 def conditions(n: int, size: int, device: torch.device):
     from onereward.config import TASKS
     from onereward.models import data as mdata
@@ -115,6 +133,12 @@ def main() -> None:
                     help="activation checkpointing of the FLUX transformer in the RL step")
     ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="the adapter's weights (peft makes them in the default dtype, float32)")
+    ap.add_argument("--autocast", choices=["fp32", "bf16"], default="fp32",
+                    help="rl.autocast: the policy's rollout and anchor under bf16 autocast")
+    ap.add_argument("--reference", choices=["adapter", "base"], default="adapter",
+                    help="the reference samples through the adapter, or with it switched off")
+    ap.add_argument("--jump-window", type=int, nargs=2, metavar=("LO", "HI"),
+                    help="rl.jump_window (default: the second half of the steps); LO = HI fixes the rollout's length")
     ap.add_argument("--rl-only", action="store_true", help="skip the sampling and judge measurements")
     args = ap.parse_args()
 
@@ -206,15 +230,18 @@ def main() -> None:
     print(f"LoRA r=64 on {LORA_TARGETS}: {sum(p.numel() for p in lora) / 1e6:.1f} M trainable parameters",
           flush=True)
     opt = torch.optim.AdamW(lora, lr=1e-5)
+    reference = AdapterOff(gen) if args.reference == "base" else gen
     for rb in args.rl_batch:
-        rc = RLConfig(batch_size=rb, sample_steps=steps, jump_window=(steps // 2, steps - 1))
+        window = tuple(args.jump_window) if args.jump_window else (steps // 2, steps - 1)
+        rc = RLConfig(batch_size=rb, sample_steps=steps, jump_window=window, autocast=args.autocast)
         train = conditions(8, size, device)
         rng = torch.Generator().manual_seed(0)
         phases: dict[str, float] = {}
         name = (f"RL step batch {rb} ({steps} reference steps, rollout to a step in {rc.jump_window}, "
-                f"checkpointing {args.checkpointing}, LoRA in {args.lora_dtype})")
+                f"checkpointing {args.checkpointing}, LoRA in {args.lora_dtype}, autocast {args.autocast}, "
+                f"reference through the {'adapter' if args.reference == 'adapter' else 'base (adapter off)'})")
         try:
-            meter.time(name, partial(rl_step, gen, gen, judge, opt, train, rc, criteria, rng, 0, 0, phases),
+            meter.time(name, partial(rl_step, gen, reference, judge, opt, train, rc, criteria, rng, 0, 0, phases),
                        repeats=2)
         except torch.OutOfMemoryError as e:
             print(f"  {name}: out of memory ({str(e).splitlines()[0]})", flush=True)
