@@ -26,6 +26,10 @@ META = "generator.json"
 
 class MaskedFlowGenerator(ABC):
     image_size: int
+    # The sampler's passes (no gradients) run under bf16 autocast where it pays (CUDA, or a CPU with AVX-512
+    # BF16): 2.0x faster sampling of the tiny base on 2 cores, held-out bg PSNR within 0.05 dB and in-mask error
+    # within 1e-4 of fp32 at 4 and 16 steps (README, issue 8). "fp32" turns it off.
+    sample_autocast: str = "auto"
 
     # --- what a backbone provides -------------------------------------------------------------
     @abstractmethod
@@ -77,10 +81,10 @@ class MaskedFlowGenerator(ABC):
 
     def guided_x0(self, z_t, t, cond, pos, neg, guidance: float) -> torch.Tensor:
         """True CFG as in OneReward: pred_neg + s * (pred_pos - pred_neg), two passes a step."""
-        x_pos = self.predict_x0(z_t, t, cond, pos)
+        x_pos = self.predict_x0(z_t, t, cond, pos).to(z_t.dtype)  # under autocast the net answers in bf16
         if neg is None or guidance == 1.0:
             return x_pos
-        x_neg = self.predict_x0(z_t, t, cond, neg)
+        x_neg = self.predict_x0(z_t, t, cond, neg).to(z_t.dtype)
         return x_neg + guidance * (x_pos - x_neg)
 
     def _texts(self, prompts, guidance, negative_prompt):
@@ -100,10 +104,12 @@ class MaskedFlowGenerator(ABC):
         ]).to(self.device, self.dtype)
 
     def _run(self, z, cond, pos, neg, guidance, ts: torch.Tensor) -> torch.Tensor:
-        for i in range(len(ts) - 1):
-            t, t_next = ts[i].to(z.device, z.dtype), ts[i + 1].to(z.device, z.dtype)
-            x0 = self.guided_x0(z, t.expand(z.shape[0]), cond, pos, neg, guidance)
-            z = x0 + (t_next / t) * (z - x0)
+        """Euler steps along `ts` without gradients; the state stays in the model's dtype."""
+        with torch.no_grad(), autocast(self.sample_autocast, z.device):
+            for i in range(len(ts) - 1):
+                t, t_next = ts[i].to(z.device, z.dtype), ts[i + 1].to(z.device, z.dtype)
+                x0 = self.guided_x0(z, t.expand(z.shape[0]), cond, pos, neg, guidance)
+                z = x0 + (t_next / t) * (z - x0)
         return z
 
     @torch.no_grad()
@@ -284,7 +290,7 @@ class TinyUNetGenerator(MaskedFlowGenerator):
 
 
 def autocast(mode: str, device: torch.device | str = "cpu"):
-    """bf16 autocast for training forward passes: "bf16", "fp32" (none), or "auto" (CUDA or AVX-512 BF16)."""
+    """bf16 autocast for forward passes: "bf16", "fp32" (none), or "auto" (CUDA or AVX-512 BF16)."""
     device_type = torch.device(device).type
     on = mode == "bf16" or (mode == "auto" and (device_type == "cuda" or torch.cpu._is_avx512_bf16_supported()))
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=on)
