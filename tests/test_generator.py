@@ -44,6 +44,21 @@ def test_tiny_sampling_cfg_and_rl_jump(tmp_path):
                           gen.sample(x, m, ["extend"] * 2, steps=2, seed=5), atol=1e-5)
 
 
+def test_bf16_sampling_stays_close_to_fp32():
+    """The sampler runs under bf16 autocast where the CPU supports it (sample_autocast "auto"); its samples must
+    stay close to fp32's, and "fp32" must turn it off (then two precisions give bit-different results)."""
+    gen = TinyUNetGenerator.build(load_config("tiny").generator, PROMPTS, 32)
+    x, m = _batch(8)
+    prompts = ["extend", "fill red circle"] * 4
+    gen.sample_autocast = "fp32"
+    exact = gen.sample(x, m, prompts, steps=8, guidance=2.0, seed=3)
+    gen.sample_autocast = "bf16"
+    fast = gen.sample(x, m, prompts, steps=8, guidance=2.0, seed=3)
+    assert not torch.equal(exact, fast)  # bf16 did run
+    assert (fast - exact).abs().mean() < 0.01 and (fast - exact).abs().max() < 0.1
+    assert fast.dtype == torch.float32
+
+
 def test_flux_fill_wiring_toy_width(tmp_path, home):
     """FluxFill-shaped classes (FluxTransformer2DModel, AutoencoderKL, CLIP + T5 encoders, FluxFillPipeline)
     at toy width: one true-CFG sampling step and one RL-style x0 jump with gradients, on CPU."""
