@@ -54,6 +54,16 @@ def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_pat
     assert not torch.allclose(other, p.detach())  # so do the prompt's words
     assert not torch.allclose(judge.p_yes(a.detach(), b, Query(q.tasks, q.criteria, PROMPTS, -ctx)), p.detach())
 
+    # both orders from one pass of each image through the vision tower: the same as asking twice, and the same
+    # as the model's own image path (pixel_values into the transformers forward)
+    p12, p21 = judge.p_yes_both_orders(a.detach(), b, q)
+    assert torch.allclose(p12, p.detach(), atol=1e-5) and torch.allclose(p21, swapped, atol=1e-5)
+    g8 = judge.shape.grid
+    own = judge.model(**judge._inputs(q.tasks, q.criteria, q.prompts), image_grid_thw=torch.tensor([[1, g8, g8]] * 6),
+                      pixel_values=pixel_values(torch.stack([a.detach(), b], 1).flatten(0, 1), judge.shape,
+                                                ctx.repeat_interleave(2, dim=0)), logits_to_keep=1)
+    assert torch.allclose(own.logits[:, -1, [judge.yes_id, judge.no_id]].softmax(-1)[:, 0], p.detach(), atol=1e-5)
+
     judge.save(tmp_path / "judge")
     again = TinyJudge.load(tmp_path / "judge")
     assert again.shape.arch == arch

@@ -35,7 +35,8 @@ class JudgeModel(mlflow.pyfunc.PythonModel):
         q = Query(list(model_input["task"]), list(model_input["criterion"]), list(model_input["prompt"]),
                   images("masked_input"))
         with torch.no_grad():
-            p = (self.judge.p_yes(a, b, q) + 1 - self.judge.p_yes(b, a, q)) / 2
+            p_ab, p_ba = self.judge.p_yes_both_orders(a, b, q)
+            p = (p_ab + 1 - p_ba) / 2
         return pd.DataFrame({"p_a_better": p.numpy()})
 
 

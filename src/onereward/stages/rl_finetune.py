@@ -118,9 +118,8 @@ def draw_rows(train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], r
 def p_policy_better(judge: TinyJudge, policy_img: torch.Tensor, ref_img: torch.Tensor, q: Query
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """P(policy better) asked both ways: (policy, reference) -> Yes, (reference, policy) -> No."""
-    first = judge.p_yes(policy_img, ref_img, q)
-    second = 1 - judge.p_yes(ref_img, policy_img, q)
-    return first, second
+    first, reverse = judge.p_yes_both_orders(policy_img, ref_img, q)
+    return first, 1 - reverse
 
 
 def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: TinyJudge, opt, train: Conditions,

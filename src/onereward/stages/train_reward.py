@@ -117,9 +117,8 @@ def square_symmetry(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
 
 def both_orders_loss(judge: TinyJudge, winner: torch.Tensor, loser: torch.Tensor, q: Query) -> torch.Tensor:
     """Cross-entropy on (winner, loser) -> Yes and (loser, winner) -> No."""
-    first, second = torch.cat([winner, loser]), torch.cat([loser, winner])
     labels = torch.cat([torch.zeros(len(winner)), torch.ones(len(winner))]).long()  # 0 = Yes, 1 = No
-    return F.cross_entropy(judge.yes_no_logits(first, second, q + q), labels)
+    return F.cross_entropy(judge.both_orders_logits(winner, loser, q), labels)
 
 
 @torch.no_grad()
@@ -129,8 +128,9 @@ def score_pairs(judge: TinyJudge, d: dict, batch: int = 128) -> tuple[np.ndarray
     fwd, rev = [], []
     for s in range(0, len(d["winner"]), batch):
         sl = slice(s, s + batch)
-        fwd.append(judge.p_yes(d["winner"][sl], d["loser"][sl], d["query"][sl]))
-        rev.append(judge.p_yes(d["loser"][sl], d["winner"][sl], d["query"][sl]))
+        p_wl, p_lw = judge.p_yes_both_orders(d["winner"][sl], d["loser"][sl], d["query"][sl])
+        fwd.append(p_wl)
+        rev.append(p_lw)
     return torch.cat(fwd).numpy(), torch.cat(rev).numpy()
 
 
