@@ -57,6 +57,12 @@ def test_bf16_sampling_stays_close_to_fp32():
     assert not torch.equal(exact, fast)  # bf16 did run
     assert (fast - exact).abs().mean() < 0.01 and (fast - exact).abs().max() < 0.1
     assert fast.dtype == torch.float32
+    one = gen.sample(x[:1], m[:1], prompts[:1], steps=8, guidance=2.0, seed=3)
+    gen.sample_autocast = "fp32"
+    one_exact = gen.sample(x[:1], m[:1], prompts[:1], steps=8, guidance=2.0, seed=3)
+    assert not torch.equal(one, one_exact)
+    gen.sample_autocast = "auto"  # one image at a time bf16 does not pay on CPU: fp32, bit for bit
+    assert torch.equal(gen.sample(x[:1], m[:1], prompts[:1], steps=8, guidance=2.0, seed=3), one_exact)
 
 
 def test_flux_fill_wiring_toy_width(tmp_path, home):

@@ -21,6 +21,7 @@ the teacher's steps and CFG, the student and the champion with their registered 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import time
 from dataclasses import dataclass
@@ -90,6 +91,17 @@ def judged(judge: TinyJudge, a: torch.Tensor, b: torch.Tensor, cond: Conditions,
     return {"win_rate": float(wins.mean()), "win_rate_low": low, "win_rate_high": high,
             "good": float((p > 0.5 + margin).float().mean()), "same": float(((p - 0.5).abs() <= margin).float().mean()),
             "bad": float((p < 0.5 - margin).float().mean()), "p_mean": float(p.mean())}
+
+
+def weights_digest(gen: MaskedFlowGenerator) -> str:
+    """sha256 of a generator's weights: an RL candidate that kept its base (tag improved=false) samples what the
+    base samples from the same noise, so evaluate samples it once."""
+    h = hashlib.sha256()
+    for m in gen.trainable_modules():
+        for name, v in m.state_dict().items():
+            h.update(name.encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def latency(c: Contender, cond: Conditions, n: int) -> float:
@@ -228,13 +240,16 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {}
     gt: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in contenders}
     outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
+    sampled: dict[tuple[str, int, float], str] = {}  # (weights, steps, guidance) -> who sampled them first
     for c in contenders:
         t0 = time.perf_counter()
+        same = sampled.setdefault((weights_digest(c.gen), c.steps, c.guidance), c.name)
         for t, cond in sets.items():
-            outs[c.name][t] = sample(c, cond, s.seed)
+            outs[c.name][t] = outs[same][t] if same != c.name else sample(c, cond, s.seed)
             gt[c.name][t] = ground_truth(outs[c.name][t], cond, t)
             metrics |= {f"{c.name}.heldout.{t}.{k}": v for k, v in gt[c.name][t].items()}
-        print(f"evaluate: {c.name} ({c.steps} steps, CFG {c.guidance}) sampled in {time.perf_counter() - t0:.1f} s: "
+        how = f"the same weights and settings as {same}: its samples" if same != c.name else "sampled"
+        print(f"evaluate: {c.name} ({c.steps} steps, CFG {c.guidance}) {how} in {time.perf_counter() - t0:.1f} s: "
               + ", ".join(f"{t} bg {m['bg_psnr']:.2f} dB, mask {m['mse_mask']:.4f}, measure {m['measure']:.4f}"
                           for t, m in gt[c.name].items()), flush=True)
     vs_base: dict[str, dict[str, list[float]]] = {}
