@@ -311,7 +311,7 @@ class EvaluateConfig(Strict):
     conditions: int = Field(48, ge=1)  # held-out conditions per task
     bootstrap: int = Field(1000, ge=100)
     same_margin: float = Field(0.05, ge=0, lt=0.5)  # |P - 0.5| below this is "Same" in Good/Same/Bad
-    latency_images: int = Field(8, ge=1)  # images timed per model for sampling latency
+    latency_images: int = Field(16, ge=1)  # single-image calls timed per model (their median)
     grid_rows: int = Field(4, ge=1)
     gates: GateConfig = Field(default_factory=GateConfig)
 
