@@ -177,8 +177,7 @@ class MaskedFlowGenerator(ABC):
         images, masks = self._place(images, masks)
         cond = self.condition(images, masks)
         pos, neg = self._texts(prompts, guidance, negative_prompt)
-        with torch.no_grad():
-            z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, ts[: stop_step + 1])
+        z = self._run(self._noise(images.shape[0], seed), cond, pos, neg, guidance, ts[: stop_step + 1])
         t = ts[stop_step].to(z.device, z.dtype).expand(z.shape[0])
         x0 = self.guided_x0(z.detach(), t, cond, pos, neg, guidance)
         return self.to_pixels(x0).clamp(-1, 1)

@@ -243,10 +243,11 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {}
     gt: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in contenders}
     outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
+    digests = {id(c.gen): weights_digest(c.gen) for c in contenders}  # the student serves three contenders
     sampled: dict[tuple[str, int, float], str] = {}  # (weights, steps, guidance) -> who sampled them first
     for c in contenders:
         t0 = time.perf_counter()
-        same = sampled.setdefault((weights_digest(c.gen), c.steps, c.guidance), c.name)
+        same = sampled.setdefault((digests[id(c.gen)], c.steps, c.guidance), c.name)
         for t, cond in sets.items():
             outs[c.name][t] = outs[same][t] if same != c.name else sample(c, cond, s.seed)
             gt[c.name][t] = ground_truth(outs[c.name][t], cond, t)
