@@ -254,7 +254,7 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict,
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
     opt = torch.optim.AdamW(judge.parameters(), lr=r.lr)
     rng = torch.Generator().manual_seed(seed)
-    # the curve on every k-th held-out pair: all of them took 15 s a point on `tiny` (3,600 pairs, 2 cores)
+    # the curve on every k-th held-out pair: all 3,600 on `tiny` are ~15 s a point (estimated from the scoring rate)
     every = max(1, -(-len(held) // r.curve_pairs))
     curve_rows = held[::every]
     curve_pairs = {k: v[::every] for k, v in held_pairs.items()}
