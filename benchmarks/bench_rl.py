@@ -44,7 +44,7 @@ def setup(batch: int, reference: str):
               "prompts": [PROMPTS[t] for t in tasks], "tasks": tasks}
     train = Conditions([{}] * n, batch_, images * (1 - masks), {t: [i for i in range(n) if tasks[i] == t]
                                                                 for t in TASKS})
-    opt = torch.optim.AdamW(list(policy.parameters()), lr=s.rl.lr)
+    opt = torch.optim.AdamW(list(policy.parameters()), lr=s.rl.lr, weight_decay=0.0, fused=True)
     return s, policy, ref, judge, opt, train, criteria
 
 

@@ -39,7 +39,7 @@ def pretrain_loop(batch: int, autocast: str):
     s = load_config("tiny", [f"pretrain.batch_size={batch}", f"pretrain.autocast={autocast}"])
     prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
     gen = TinyUNetGenerator.build(s.generator, [*prompts, ""], s.image_size, s.seed)
-    opt = torch.optim.AdamW(list(gen.parameters()), lr=s.pretrain.lr)
+    opt = torch.optim.AdamW(list(gen.parameters()), lr=s.pretrain.lr, fused=True)
     n, size = 64, s.image_size
     g = torch.Generator().manual_seed(0)
     data = {"images": torch.rand(n, 3, size, size, generator=g) * 2 - 1,
@@ -60,7 +60,7 @@ def judge_loop(batch: int):
     prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
     judge = TinyJudge.build(cells, prompts, JudgeShape())
     judge.model.train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
     a, b, context = (torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
     q = Query([cells[i % 4][0] for i in range(batch)], [cells[i % 4][1] for i in range(batch)],
@@ -103,7 +103,7 @@ def distill_loop(batch: int):
     dc = s.distill.model_copy(update={"batch_size": batch})
     n, finest = len(train.rows), max(dc.grids)
     states = torch.randn(finest + 1, n, *policy.model_space_shape(1)[1:])  # the cost does not depend on them
-    opt = torch.optim.AdamW(list(policy.parameters()), lr=dc.lr)
+    opt = torch.optim.AdamW(list(policy.parameters()), lr=dc.lr, weight_decay=0.0, fused=True)
     rng = torch.Generator().manual_seed(0)
     policy.train(True)
     return lambda: distill_step(policy, opt, train, states, dc, rng)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from onereward.models.judge import ARCHS, JudgeShape, Query, TinyJudge, pixel_values
+from onereward.models.judge import ARCHS, JudgeShape, Query, TinyJudge, pixel_values, query_text
 
 CELLS = [("fill", "alignment"), ("removal", "removal_quality"), ("text", "text_correctness")]
 PROMPTS = ["fill red circle", "remove blue square", 'text "A7"']
@@ -58,8 +58,16 @@ def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_pat
     # as the model's own image path (pixel_values into the transformers forward)
     p12, p21 = judge.p_yes_both_orders(a.detach(), b, q)
     assert torch.allclose(p12, p.detach(), atol=1e-5) and torch.allclose(p21, swapped, atol=1e-5)
+    # the judge pads its cached rows as the tokenizer pads the batch; here transformers derives the positions
+    inputs = judge._inputs(q.tasks, q.criteria, q.prompts)
+    n = judge.shape.tokens_per_image
+    texts = [query_text(t, c, pr, n) for t, c, pr in zip(q.tasks, q.criteria, PROMPTS, strict=True)]
+    enc = judge.tokenizer(texts, padding=True, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], enc["input_ids"])
+    assert torch.equal(inputs["attention_mask"], enc["attention_mask"])
     g8 = judge.shape.grid
-    own = judge.model(**judge._inputs(q.tasks, q.criteria, q.prompts), image_grid_thw=torch.tensor([[1, g8, g8]] * 6),
+    own = judge.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],  # positions by transformers
+                      mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=torch.tensor([[1, g8, g8]] * 6),
                       pixel_values=pixel_values(torch.stack([a.detach(), b], 1).flatten(0, 1), judge.shape,
                                                 ctx.repeat_interleave(2, dim=0)), logits_to_keep=1)
     assert torch.allclose(own.logits[:, -1, [judge.yes_id, judge.no_id]].softmax(-1)[:, 0], p.detach(), atol=1e-5)

@@ -61,6 +61,12 @@ def query_words(task: str, criterion: str, prompt: str) -> list[str]:
             "better", "than", "image", "2", "?", "image", "1", *image, "image", "2", *image, "answer"]
 
 
+def query_text(task: str, criterion: str, prompt: str, tokens_per_image: int) -> str:
+    """The query as the tokenizer reads it: each image's pad token repeated to its token count."""
+    words = query_words(task, criterion, prompt)
+    return " ".join(" ".join([w] * tokens_per_image) if w == IMAGE_PAD else w for w in words)
+
+
 def build_tokenizer(tasks_criteria: list[tuple[str, str]], prompts: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -140,6 +146,7 @@ class TinyJudge:
         self.yes_id = tokenizer.convert_tokens_to_ids(YES)
         self.no_id = tokenizer.convert_tokens_to_ids(NO)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def build(cls, tasks_criteria: list[tuple[str, str]], prompts: list[str], shape: JudgeShape = JudgeShape(),
@@ -181,14 +188,37 @@ class TinyJudge:
     def parameters(self):
         return self.model.parameters()
 
+    def _row(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids (L,), 3D rope positions (3, L)) of one unpadded query, cached: transformers derives the
+        positions with a Python loop over rows and images on every call, a ninth of a judge training step on
+        `tiny` (the query texts repeat: tasks x criteria x prompts)."""
+        hit = self._rows.get(text)
+        if hit is None:
+            if len(self._rows) >= 65536:
+                self._rows.clear()
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+            g = self.shape.grid
+            pos, _ = self.model.model.get_rope_index(
+                ids, mm_token_type_ids=(ids == self.image_id).long(), image_grid_thw=torch.tensor([[1, g, g]] * 2),
+                attention_mask=torch.ones_like(ids))
+            hit = self._rows[text] = (ids[0], pos[:, 0])
+        return hit
+
     def _inputs(self, tasks: list[str], criteria: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The batch left-padded as the tokenizer pads it, with the rope positions get_rope_index gives."""
         n = self.shape.tokens_per_image
-        texts = [" ".join(w for word in query_words(t, c, p) for w in ([word] * n if word == IMAGE_PAD else [word]))
-                 for t, c, p in zip(tasks, criteria, prompts, strict=True)]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc["input_ids"].to(self.model.device)
-        return {"input_ids": ids, "attention_mask": enc["attention_mask"].to(ids.device),
-                "mm_token_type_ids": (ids == self.image_id).long()}
+        rows = [self._row(query_text(t, c, p, n)) for t, c, p in zip(tasks, criteria, prompts, strict=True)]
+        length = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        pos = torch.zeros((3, len(rows), length), dtype=torch.long)  # get_rope_index leaves padding at 0
+        for i, (row_ids, row_pos) in enumerate(rows):
+            ids[i, length - len(row_ids):] = row_ids
+            mask[i, length - len(row_ids):] = 1
+            pos[:, i, length - len(row_ids):] = row_pos
+        device = self.model.device
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device),
+                "mm_token_type_ids": (ids == self.image_id).long().to(device)}
 
     def p_yes(self, image1: torch.Tensor, image2: torch.Tensor, q: Query) -> torch.Tensor:
         """P(Yes | image 1 better than image 2 for the query), one value a row, differentiable in the images;
@@ -228,6 +258,7 @@ class TinyJudge:
         both = torch.stack([tokens1, tokens2], dim=1).flatten(0, 2)  # image 1, image 2 of row 0, then row 1...
         grid = torch.tensor([[1, g, g]] * (2 * b), device=self.model.device)  # the images' rope positions
         out = self.model(**self._inputs(q.tasks, q.criteria, q.prompts), image_grid_thw=grid, logits_to_keep=1,
+                         use_cache=False,
                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(both,))})
         return out.logits[:, -1, [self.yes_id, self.no_id]].float()
 

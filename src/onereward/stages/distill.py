@@ -98,7 +98,7 @@ def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch
 
 def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
                   seed: int) -> list[float]:
-    opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0, fused=True)
     rng = torch.Generator().manual_seed(seed)
     losses, window = [], []
     student.train(True)

@@ -92,7 +92,7 @@ def _load_checkpoint(uri: str, lr: float):
         return None
     local = art.local_dir()
     gen = load_generator(local / "model")
-    opt = torch.optim.AdamW(list(gen.parameters()), lr=lr)
+    opt = torch.optim.AdamW(list(gen.parameters()), lr=lr, fused=True)
     state = torch.load(local / "state.pt", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     rng = torch.Generator()
@@ -126,7 +126,7 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
         print(f"pretrain_base: resuming from checkpoint at step {start} ({ckpt_uri})")
     else:
         gen = TinyUNetGenerator.build(s.generator, all_prompts, s.image_size, s.seed)
-        opt = torch.optim.AdamW(list(gen.parameters()), lr=p.lr)
+        opt = torch.optim.AdamW(list(gen.parameters()), lr=p.lr, fused=True)
         rng, start = torch.Generator().manual_seed(s.seed), 0
     tracking.log_metrics({"resumed_from_step": start})
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -366,7 +366,7 @@ def train(ctx: StageContext, base_dir, base: MaskedFlowGenerator, train_c: Condi
     reference = load_generator(base_dir) if rc.reference == "ema" else base
     if ema_state is not None:
         load_trainable_state(reference, ema_state)
-    opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0, fused=True)
     rng = torch.Generator().manual_seed(s.seed)
     if state is not None:
         opt.load_state_dict(state["optimizer"])

@@ -225,7 +225,7 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
     head = (torch.randn(len(keys), judge.shape.text_hidden, generator=rng) / judge.shape.text_hidden**0.5)
     head.requires_grad_(True)
     params = [*judge.model.model.visual.parameters(), head]
-    opt = torch.optim.AdamW(params, lr=r.lr)
+    opt = torch.optim.AdamW(params, lr=r.lr, fused=True)
     b, losses = r.batch_size, []
     with Progress(transient=False) as bar:
         task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps)
@@ -252,7 +252,7 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
 def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
               label: str) -> None:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
-    opt = torch.optim.AdamW(judge.parameters(), lr=r.lr)
+    opt = torch.optim.AdamW(judge.parameters(), lr=r.lr, fused=True)
     rng = torch.Generator().manual_seed(seed)
     # the curve on every k-th held-out pair: all 3,600 on `tiny` are ~15 s a point (estimated from the scoring rate)
     every = max(1, -(-len(held) // r.curve_pairs))
