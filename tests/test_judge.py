@@ -6,7 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from onereward.models.judge import ARCHS, JudgeShape, Query, TinyJudge, pixel_values, query_text
+from onereward.models.judge import (
+    ARCHS,
+    PACKED_ATTENTION,
+    JudgeShape,
+    Query,
+    TinyJudge,
+    packed_sdpa,
+    pixel_values,
+    query_text,
+)
 
 CELLS = [("fill", "alignment"), ("removal", "removal_quality"), ("text", "text_correctness")]
 PROMPTS = ["fill red circle", "remove blue square", 'text "A7"']
@@ -77,3 +86,33 @@ def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_pat
     assert again.shape.arch == arch
     assert torch.allclose(again.p_yes(a.detach(), b, q), p.detach(), atol=1e-6)
     assert list((tmp_path / "judge" / "model").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_vision_attention_equals_transformers_per_image_sdpa(arch):
+    """The judge's vision tower attends over all images (Qwen2.5-VL: all windows) in one batched call; it must
+    give what transformers' own sdpa path gives, one call per image, forward and backward."""
+    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+    visual = judge.model.model.visual
+    assert visual.config._attn_implementation == PACKED_ATTENTION
+    g = torch.Generator().manual_seed(2)
+    x, ctx = (torch.rand(5, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    grads = {}
+    for impl in (PACKED_ATTENTION, "sdpa"):
+        visual.config._attn_implementation = impl
+        judge.model.zero_grad()
+        tokens = judge.vision_tokens(x, ctx)
+        tokens.square().sum().backward()
+        grads[impl] = (tokens.detach(), visual.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[PACKED_ATTENTION][0], grads["sdpa"][0], atol=1e-5)
+    assert torch.allclose(grads[PACKED_ATTENTION][1], grads["sdpa"][1], atol=1e-4)
+
+
+def test_packed_sdpa_keeps_unequal_chunks_apart():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 3, 10])
+    out, _ = packed_sdpa(None, q, k, v, cu_seq_lens_q=cu)
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+                     for a, b in ((0, 3), (3, 10))], dim=2).transpose(1, 2)
+    assert out.shape == (1, 10, 2, 8) and torch.allclose(out, ref, atol=1e-6)

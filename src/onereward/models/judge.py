@@ -30,6 +30,28 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl")
+# The vision tower's attention over a batch of images packed into one sequence. transformers runs one sdpa call
+# per image (per window on Qwen2.5-VL) unless the implementation's name says "flash", which hands it the
+# images' boundaries (cu_seqlens) instead; the judge's images are all one size, so one batched call does them all.
+PACKED_ATTENTION = "flash_packed_sdpa"
+
+
+def packed_sdpa(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                **kwargs):
+    """(1, heads, total, d) query/key/value of equal-length images -> (1, total, heads, d), what transformers'
+    flash path returns; chunks of unequal length (none on the judge) go one call each, as transformers does."""
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    q, k, v = (x.squeeze(0) for x in (query, key, value))  # (heads, total, d)
+    if len(set(lengths)) == 1:
+        n, length = len(lengths), lengths[0]
+        q, k, v = (x.unflatten(1, (n, length)).transpose(0, 1) for x in (q, k, v))  # (images, heads, length, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        return out.transpose(1, 2).reshape(1, n * length, out.shape[1], out.shape[3]), None
+    outs = [F.scaled_dot_product_attention(a[None], b[None], c[None], dropout_p=dropout, scale=scaling)[0]
+            for a, b, c in zip(*(x.split(lengths, dim=1) for x in (q, k, v)), strict=True)]
+    return torch.cat(outs, dim=1).transpose(0, 1)[None], None
+
+
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,10 @@ class TinyJudge:
         self.no_id = tokenizer.convert_tokens_to_ids(NO)
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_ATTENTION, packed_sdpa)
+        model.model.visual.config._attn_implementation = PACKED_ATTENTION
 
     @classmethod
     def build(cls, tasks_criteria: list[tuple[str, str]], prompts: list[str], shape: JudgeShape = JudgeShape(),
