@@ -52,8 +52,6 @@ def packed_sdpa(module, query, key, value, attention_mask=None, scaling=None, dr
     return torch.cat(outs, dim=1).transpose(0, 1)[None], None
 
 
-
-
 @dataclass(frozen=True)
 class JudgeShape:
     arch: str = "qwen2_vl"  # qwen2_vl | qwen2_5_vl (windowed vision attention, SwiGLU vision MLP)
