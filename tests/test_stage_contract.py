@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from onereward.config import load_config
-from onereward.data.validation import TASK_MIX_SUITE, DataValidationError, task_mix_frame, validate
+from onereward.data.validation import TASK_MIX_SUITE, DataValidationError, curated_suite, task_mix_frame, validate
 from onereward.pipeline import GRAPH
 from onereward.runner import execute_stage, plan, stage_key
 from onereward.stages import StageSettings, UndeclaredConfigError
@@ -142,3 +142,10 @@ def test_sigterm_ends_the_runs_killed_and_drops_the_staged_output(home, tmp_path
     assert proc.wait(60) == 128 + 15
     assert not out.exists() and not list(tmp_path.glob(".staging-curated-*"))
     assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
+
+
+def test_a_missing_column_is_named(home):
+    df = pd.DataFrame({"image_id": ["a", "b"], "source": ["x", "y"], "decodable": [True, True]})
+    with pytest.raises(DataValidationError) as e:
+        validate("curated", df, curated_suite(16), "image_id")
+    assert "observed {'missing': ['height', 'image', 'origin', 'phash', 'width']}" in str(e.value)

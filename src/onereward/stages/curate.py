@@ -162,7 +162,7 @@ def curate(ctx: StageContext) -> dict[str, float]:
     if not rows:
         named = "; ".join(f"{d['origin']} ({d['reason']}: {d['detail']})" for d in drops[:5])
         raise ValueError(f"curate: no image survived curation of {total} input(s) ({dict(counts)}); first: {named}")
-    validate_curated(rows, s)
+    validate_curated(rows, s, decodable=[True] * len(rows))  # each PNG was just encoded from decoded pixels
     for i in range(0, len(rows), c.shard_rows):
         out.write_table(schema.table(rows[i : i + c.shard_rows], schema.CURATED))
     # every dropped input, by name and reason; the report keeps counts and a few examples

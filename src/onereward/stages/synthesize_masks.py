@@ -214,8 +214,11 @@ def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | N
     df["measured_coverage"] = [m if m is not None else -1.0 for m in measured]
     df["coverage_as_declared"] = [m is not None and abs(m - float(r["mask_coverage"])) < 1e-4
                                   for m, r in zip(measured, rows, strict=True)]
+    ranges = [cfg.coverage.get(r["task"], (0.0, 1.0)) for r in rows]  # an unknown task fails on its own
+    df["coverage_low"] = [lo for lo, _ in ranges]
+    df["coverage_high"] = [hi for _, hi in ranges]
     tasks = [t for t in TASKS if cfg.task_mix.get(t, 0) > 0]
-    validation.validate("conditions", df, validation.conditions_suite(tasks, cfg.coverage), "condition_id")
+    validation.validate("conditions", df, validation.conditions_suite(tasks), "condition_id")
     target = mix or {t: cfg.task_mix[t] for t in tasks}
     shares = validation.task_mix_frame(df["task"], target, cfg.mix_tolerance)
     validation.validate("task_mix", shares, validation.TASK_MIX_SUITE, "task")
