@@ -3,7 +3,6 @@ deliberately high learning rate, and resuming after SIGKILL to the unkilled run'
 are trained by the real upstream stages (a few steps each); MLflow is the sqlite store under ONEREWARD_HOME."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,20 +15,19 @@ from sizes import RL, UPSTREAM
 
 from onereward import storage
 from onereward.config import load_config
-from onereward.runner import StageFailed, execute_stage, plan, run_pipeline
+from onereward.runner import execute_stage, plan, run_pipeline
 from onereward.stages.label_preferences import Ground
 from onereward.stages.rl_finetune import NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    """Conditions, base and both judges (at once: the audit judge in its own process), trained once for the
-    module under one ONEREWARD_HOME."""
+    """Conditions, base and both judges, trained once for the module under one ONEREWARD_HOME."""
     home = tmp_path_factory.mktemp("rl") / "home"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ONEREWARD_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward", jobs=2)
+        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
     return home
 
 
@@ -39,39 +37,6 @@ def rl_home(upstream, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return upstream
 
-
-
-def test_the_audit_judge_trains_beside_the_judge(upstream, tmp_path, monkeypatch):
-    """The runner trains the audit judge in an `onereward stage` process while the judge trains in its own; the
-    process's MLflow run nests under the pipeline run. Killed inside its commit, it fails the pipeline with its
-    log's end (both judges forced), and the audit judge committed before is still whole: the rerun finds
-    everything cached."""
-    import mlflow
-
-    from onereward import tracking
-
-    home = tmp_path / "home"
-    shutil.copytree(upstream, home)
-    monkeypatch.setenv("ONEREWARD_HOME", str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["onereward"], output_format="list")}
-    pipeline, judge, audit = runs["pipeline-tiny"], runs["train_reward"], runs["train_audit_reward"]
-    assert audit.data.tags["mlflow.parentRunId"] == judge.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
-    assert judge.data.tags["pid"] == pipeline.data.tags["pid"] != audit.data.tags["pid"]
-
-    s = load_config("tiny", UPSTREAM)
-    uri = next(p for p in plan(s) if p.stage.name == "train_audit_reward").outputs["audit_model"]
-    before = storage.Artifact(uri).manifest
-    monkeypatch.setenv(storage.FAULT_ENV, "commit.upload")  # the process beside reads it; this one does not
-    monkeypatch.setattr(storage, "fault_point", lambda name: None)
-    with pytest.raises(StageFailed) as e:
-        run_pipeline(s, until="train_audit_reward", force=("train_reward", "train_audit_reward"), jobs=2)
-    assert e.value.stage == "train_audit_reward" and "fault point commit.upload" in str(e.value), str(e.value)
-    assert storage.Artifact(uri).manifest == before
-    monkeypatch.delenv(storage.FAULT_ENV)
-    again = run_pipeline(s, until="train_audit_reward", jobs=2)
-    assert {o.status for o in again.outcomes} == {"cached"} and len(again.outcomes) == 7
 
 def _step(overrides):
     s = load_config("tiny", [*UPSTREAM, *overrides])

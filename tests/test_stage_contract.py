@@ -15,7 +15,7 @@ from PIL import Image
 from onereward.config import load_config
 from onereward.data.validation import TASK_MIX_SUITE, DataValidationError, curated_suite, task_mix_frame, validate
 from onereward.pipeline import GRAPH
-from onereward.runner import execute_stage, groups, plan, stage_key
+from onereward.runner import execute_stage, plan, stage_key
 from onereward.stages import StageSettings, UndeclaredConfigError
 
 
@@ -149,10 +149,3 @@ def test_a_missing_column_is_named(home):
     with pytest.raises(DataValidationError) as e:
         validate("curated", df, curated_suite(16), "image_id")
     assert "observed {'missing': ['height', 'image', 'origin', 'phash', 'width']}" in str(e.value)
-
-
-def test_only_the_judges_can_run_at_once():
-    names = [[p.stage.name for p in g] for g in groups(plan(load_config("tiny")))]
-    assert ["train_reward", "train_audit_reward"] in names
-    assert all(len(g) == 1 for g in names if g != ["train_reward", "train_audit_reward"]), names
-    assert [n for g in names for n in g] == [s.name for s in GRAPH]

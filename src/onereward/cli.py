@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_config(args.profile, args.set)
     start = time.perf_counter()
     try:
-        result = run_pipeline(settings, until=args.until, force=tuple(args.force), jobs=args.jobs)
+        result = run_pipeline(settings, until=args.until, force=tuple(args.force))
     except StageFailed as e:
         print(f"pipeline failed at stage {e.stage}: {e.cause}", file=sys.stderr)
         return 1
@@ -74,17 +74,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from onereward.pipeline import GRAPH
-    from onereward.runner import EXIT_NOT_IMPLEMENTED, execute_stage
-    from onereward.stages import StageNotImplemented
+    from onereward.runner import execute_stage
 
     settings = load_config(args.config, [*json.loads(args.set_json or "[]"), *args.set])
     stage = GRAPH.get(args.name)
-    try:
-        outcome = execute_stage(stage, settings, _pairs(args.inputs, "--in"), _pairs(args.outputs, "--out"),
-                                force=args.force)
-    except StageNotImplemented as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
+    outcome = execute_stage(stage, settings, _pairs(args.inputs, "--in"), _pairs(args.outputs, "--out"),
+                            force=args.force)
     print(json.dumps({"stage": outcome.stage, "status": outcome.status, "key": outcome.key,
                       "outputs": outcome.outputs, "metrics": outcome.metrics}))
     for path, obj in ((args.metrics_file, outcome.metrics), (args.outputs_file, outcome.outputs)):
@@ -174,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", help="stop after this stage")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    r.add_argument("--jobs", type=int, help="stages at once where the graph allows it, the later ones in their "
-                   "own process (default: the CPU count; 1 runs every stage in this process, in order)")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage from input URIs to output URIs (container entrypoint)")

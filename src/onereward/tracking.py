@@ -93,8 +93,6 @@ def flatten_params(params: dict[str, Any]) -> dict[str, str]:
 
 HOST = socket.gethostname()
 KIND_TAG = "onereward.kind"
-# a pipeline run's id, for a stage its runner started in another process: that stage's run nests under it
-PARENT_RUN_ENV = "ONEREWARD_PARENT_RUN_ID"
 
 
 def _alive(pid: int) -> bool:
@@ -183,7 +181,6 @@ def stage_run(
     exp_id = setup(experiment)
     mark_killed_runs(exp_id, outputs=outputs)
     parent = mlflow.active_run()
-    parent_id = None if parent is not None else os.environ.get(PARENT_RUN_ENV) or None
     tags = {
         "stage": stage,
         KIND_TAG: "stage",
@@ -193,8 +190,7 @@ def stage_run(
         **{f"input.{k}": v for k, v in inputs.items()},
         **{f"output.{k}": v for k, v in outputs.items()},
     }
-    with _run(experiment_id=exp_id, run_name=stage, nested=parent is not None, parent_run_id=parent_id,
-              tags=tags) as run:
+    with _run(experiment_id=exp_id, run_name=stage, nested=parent is not None, tags=tags) as run:
         mlflow.log_params(flatten_params(params))
         yield run
 
