@@ -23,6 +23,7 @@ def test_overrides_apply_with_yaml_types():
         ("masks.task_mix={paint: 1.0}", "masks.task_mix.paint"),
         ("curate.sources=[{kind: ftp}]", "curate.sources.0"),
         ("generator.kind=sdxl", "generator.kind"),
+        ("distill.report_steps=[2, 0]", "distill.report_steps.1"),
     ],
 )
 def test_bad_keys_and_values_name_their_path(override, path):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 TASKS = ("fill", "extend", "removal", "text")
 Task = Literal["fill", "extend", "removal", "text"]
@@ -268,7 +268,13 @@ class DistillConfig(Strict):
     on the teacher's point at the next grid time."""
 
     steps: int = Field(4, ge=1)  # the student's sampling steps (what it is registered and served with)
-    grids: list[int] = Field(default_factory=lambda: [1, 2, 4])  # step counts trained together (reported too)
+    # Step counts trained. The student is not told its step size, so grids that share a segment start (every grid
+    # starts at t = 1) ask it for two different x0 from the same input and it learns their average. Measured on
+    # tiny (28-step teacher, 100 steps, 48 held-out conditions a task, student vs base): [1, 2, 4] served at 4 steps
+    # had extend measure +8.7 % (tolerance 10 %) and ground-truth quality 0.977; [2, 4] +6.8 %, 0.973; [4] +0.8 %,
+    # 1.017, with every per-task delta within 2.7 % save removal in-mask error (-9.7 %)
+    grids: list[int] = Field(default_factory=lambda: [4])
+    report_steps: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4])  # measured (distill, evaluate)
     teacher_steps: int = Field(28, ge=1)  # must be a multiple of every grid
     teacher_guidance: float = Field(2.0, ge=1.0)  # true CFG: two passes a step
     train_conditions: int = Field(512, ge=1)  # teacher trajectories, drawn once from the train split

@@ -230,7 +230,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
                   Contender("teacher", load("policy"), dc.teacher_steps, dc.teacher_guidance,
                             str(ctx.inputs["policy"].read_json("registry.json")["version"])),
                   Contender("student", student_gen, dc.steps, 1.0, str(student_reg["version"]))]
-    contenders += [Contender(f"student_{k}", student_gen, k, 1.0) for k in dc.grids if k != dc.steps]
+    contenders += [Contender(f"student_{k}", student_gen, k, 1.0) for k in dc.report_steps if k != dc.steps]
     with tempfile.TemporaryDirectory() as tmp:
         champ = load_champion(name, Path(tmp))
     if champ is not None:
