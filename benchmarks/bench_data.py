@@ -5,7 +5,9 @@ decode + encode time of the same images (target <= 1.5x).
 are further, equal-sized runs in the same process, each beside a new measurement of the pure decode +
 encode (this VM's speed moves between seconds; the best of each is compared). A second ratio is to the
 codec floor: every PNG decode and encode the two stages cannot avoid (decode and encode each source
-image, decode each curated image once, encode each condition's new mask and target).
+image, decode each curated image once, encode each condition's new mask and target). The same is measured at
+twice the images, and the marginal ratio (extra stage time over extra decode+encode time) is what each further
+image costs, the stages' fixed cost (MLflow run, validation suites, commit) cancelled.
 
     .venv/bin/python benchmarks/bench_data.py [--images 600] [--size 256]
 """
@@ -65,6 +67,41 @@ def condition_codec(curated: str, conditions: str) -> float:
     return time.perf_counter() - t
 
 
+def measure(work: Path, paths: list[Path], repeats: int, size: int) -> dict[str, float]:
+    """Best of `repeats` warm runs (after one cold run) of both stages on `paths`, each beside its own
+    decode+encode and codec-floor measurement: seconds under "stage", "base" and "floor"."""
+    from onereward.config import load_config
+    from onereward.pipeline import GRAPH
+    from onereward.runner import execute_stage
+
+    folder = paths[0].parent
+    s = load_config("tiny", [f"curate.sources=[{{kind: folder, path: '{folder}'}}]", "curate.dedup_hamming=0"])
+    best: dict[str, float] = {}
+    for i in range(1 + repeats):
+        label = "cold" if i == 0 else f"warm {i}"
+        out = work / f"{folder.name}-run{i}"
+        base = pure_decode_encode(paths, s.image_size)
+        t = time.perf_counter()
+        cur = execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(out / "curated")})
+        masks = execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": str(out / "curated")},
+                              {"conditions": str(out / "conditions")})
+        stage = time.perf_counter() - t
+        floor = base + condition_codec(str(out / "curated"), str(out / "conditions"))
+        print(f"[{label}] images: {len(paths)} ({size}px JPEG -> {s.image_size}px), "
+              f"kept {cur.metrics['images_kept']:.0f}, conditions {masks.metrics['conditions']:.0f}; "
+              f"curate {cur.seconds:.2f}s + synthesize_masks {masks.seconds:.2f}s (with MLflow + validation); "
+              f"decode+encode {base:.2f}s, codec floor {floor:.2f}s")
+        if i:
+            for k, v in (("stage", stage), ("base", base), ("floor", floor)):
+                best[k] = min(best.get(k, v), v)
+    n = len(paths)
+    print(f"[warm, best of {repeats}, {n} images] curate+masks: {n / best['stage']:.1f} images/s; "
+          f"pure decode+encode: {n / best['base']:.1f} images/s; "
+          f"ratio stage/decode+encode: {best['stage'] / best['base']:.2f}x (target <= 1.5x); "
+          f"ratio stage/codec floor: {best['stage'] / best['floor']:.2f}x")
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=600)
@@ -73,37 +110,16 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     os.environ["ONEREWARD_HOME"] = str(work / "home")
-    folder = work / "images"
-    folder.mkdir()
-    paths = make_folder(folder, args.images, args.size)
-
-    from onereward.config import load_config
-    from onereward.pipeline import GRAPH
-    from onereward.runner import execute_stage
-
-    s = load_config("tiny", [f"curate.sources=[{{kind: folder, path: '{folder}'}}]", "curate.dedup_hamming=0"])
-    best: dict[str, float] = {}
-    for i in range(1 + args.repeats):
-        label = "cold" if i == 0 else f"warm {i}"
-        out = work / f"run{i}"
-        base = pure_decode_encode(paths, s.image_size)
-        t = time.perf_counter()
-        cur = execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(out / "curated")})
-        masks = execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": str(out / "curated")},
-                              {"conditions": str(out / "conditions")})
-        stage = time.perf_counter() - t
-        floor = base + condition_codec(str(out / "curated"), str(out / "conditions"))
-        print(f"[{label}] images: {args.images} ({args.size}px JPEG -> {s.image_size}px), "
-              f"kept {cur.metrics['images_kept']:.0f}, conditions {masks.metrics['conditions']:.0f}; "
-              f"curate {cur.seconds:.2f}s + synthesize_masks {masks.seconds:.2f}s (with MLflow + validation); "
-              f"decode+encode {base:.2f}s, codec floor {floor:.2f}s")
-        if i:
-            for k, v in (("stage", stage), ("base", base), ("floor", floor)):
-                best[k] = min(best.get(k, v), v)
-    print(f"[warm, best of {args.repeats}] curate+masks: {args.images / best['stage']:.1f} images/s; "
-          f"pure decode+encode: {args.images / best['base']:.1f} images/s; "
-          f"ratio stage/decode+encode: {best['stage'] / best['base']:.2f}x (target <= 1.5x); "
-          f"ratio stage/codec floor: {best['stage'] / best['floor']:.2f}x")
+    runs = []
+    for n in (args.images, 2 * args.images):
+        folder = work / f"images-{n}"
+        folder.mkdir()
+        runs.append(measure(work, make_folder(folder, n, args.size), args.repeats, args.size))
+    # What each further image costs: the fixed cost of a stage (MLflow run, validation suites, commit) cancels.
+    small, large = runs
+    print(f"[marginal, {args.images} -> {2 * args.images} images] stage/decode+encode: "
+          f"{(large['stage'] - small['stage']) / (large['base'] - small['base']):.2f}x; "
+          f"fixed cost of the two stages ~{2 * small['stage'] - large['stage']:.2f}s")
 
 
 if __name__ == "__main__":
