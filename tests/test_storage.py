@@ -61,6 +61,19 @@ def test_s3_atomic_artifacts(s3_bucket, home):
     _aborted(f"s3://{s3_bucket}/p/bad")
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_killed_writers_staging_is_cleaned_before_the_rerun(where, tmp_path, request, home):
+    root = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+    killed = storage.ArtifactWriter(f"{root}/a/model", key="k")  # staged, then never committed nor aborted
+    killed.write_json("x.json", {})
+    other = storage.ArtifactWriter(f"{root}/b/model", key="k")  # another artifact of the same name, mid-write
+    other.write_json("x.json", {})
+    storage.clean_stale_staging(f"{root}/a/model")
+    assert not killed.dir.exists() and other.dir.exists()
+    other.commit()
+    assert storage.Artifact(f"{root}/b/model").read_json("x.json") == {}
+
+
 def test_readers_read_only_what_the_manifest_names(s3_bucket, home):
     uri = f"s3://{s3_bucket}/p/partial"
     with storage.writing(uri, key="k3") as w:

@@ -339,13 +339,8 @@ class ArtifactWriter:
         resolve(self.uri)  # refuse an unsupported scheme before any work
         self.key = key
         self.meta = dict(meta or {})
-        if is_s3(self.uri):
-            from onereward.config import home_dir
-
-            parent = _ensure(home_dir() / "staging")
-        else:
-            parent = _ensure(Path(resolve(self.uri)[1]).parent)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".staging-{Path(self.uri).name}-", dir=parent))
+        parent, prefix = _staging_place(self.uri)
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=_ensure(parent)))
         self._counters: dict[str, int] = {}
         self.rows: dict[str, int] = {}
 
@@ -424,13 +419,23 @@ def writing(uri: str, key: str, meta: dict[str, Any] | None = None) -> Iterator[
     w.commit()
 
 
-def clean_stale_staging(uri: str) -> None:
-    """Remove staging folders that a killed writer left next to a local artifact."""
+def _staging_place(uri: str) -> tuple[Path, str]:
+    """(folder, name prefix) of an artifact's staging folders: beside a local artifact (the commit is a rename);
+    under $ONEREWARD_HOME/staging for S3, named by the URI's digest so artifacts of the same name do not meet."""
+    uri = uri.rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
     if is_s3(uri):
-        return
-    final = Path(resolve(uri)[1])
-    if final.parent.exists():
-        for p in final.parent.glob(f".staging-{final.name}-*"):
+        from onereward.config import home_dir
+
+        return home_dir() / "staging", f".staging-{name}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}-"
+    return Path(resolve(uri)[1]).parent, f".staging-{name}-"
+
+
+def clean_stale_staging(uri: str) -> None:
+    """Remove the staging folders a killed writer of this artifact left behind (local or S3)."""
+    parent, prefix = _staging_place(uri)
+    if parent.exists():
+        for p in parent.glob(f"{prefix}*"):
             shutil.rmtree(p, ignore_errors=True)
 
 
