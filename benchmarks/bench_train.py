@@ -18,18 +18,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def cpu_model() -> str:
-    """The CPU's model name (rates differ by CPU: the targets of issue 8 were measured on a Xeon with AVX-512 BF16)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
+from onereward.machine import cpu_model
 
 
 def matmul_flops_per_s(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) -> float:

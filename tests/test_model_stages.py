@@ -13,6 +13,7 @@ import torch
 
 from onereward import storage
 from onereward.config import load_config
+from onereward.machine import cpu_model
 from onereward.models.generator import TinyUNetGenerator
 from onereward.runner import execute_stage, plan, run_pipeline
 from onereward.stages.pretrain_base import evaluate_generator, heldout_by_task, load_conditions
@@ -64,6 +65,10 @@ def test_pretrain_learns_registers_and_generates(tracked):
                               "tags.stage = 'pretrain_base'")
     assert runs and "heldout.fill.bg_psnr" in runs[0].data.metrics and "train_loss" in runs[0].data.metrics
     assert runs[0].data.tags["output.base_model"] == base.uri
+    # the stage's time is read with the machine it ran on
+    tags = runs[0].data.tags
+    assert tags["machine.cpu"] == cpu_model() and tags["machine.threads"] == str(torch.get_num_threads())
+    assert tags["machine.avx512_bf16"] == str(torch.cpu._is_avx512_bf16_supported()).lower()
     model = mlflow.pyfunc.load_model("models:/onereward-generator@base")
     from onereward.models.registry import example_input
 

@@ -48,7 +48,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from onereward import tracking
+    from onereward import machine, tracking
     from onereward.runner import StageFailed, run_pipeline
 
     settings = load_config(args.profile, args.set)
@@ -62,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cached = [o.stage for o in result.outcomes if o.status == "cached"]
     print(f"\npipeline ({settings.profile}) finished in {took:.1f}s; "
           f"ran {len(result.outcomes) - len(cached)} stage(s), cached {len(cached)}: {', '.join(cached) or '-'}")
+    print(f"machine: {machine.summary()}")
     for o in result.outcomes:
         for name, uri in o.outputs.items():
             print(f"  {o.stage}.{name}: {uri}")

@@ -161,8 +161,10 @@ def _run(**kwargs: Any) -> Iterator[Any]:
 def pipeline_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
     exp_id = setup(experiment)
     mark_killed_runs(exp_id)
+    from onereward import machine
+
     all_tags = {"git_commit": git_commit(), KIND_TAG: "pipeline", "host": HOST, "pid": str(os.getpid()),
-                **(tags or {})}
+                **machine.facts(), **(tags or {})}
     with _run(experiment_id=exp_id, run_name=name, tags=all_tags) as run:
         yield run
 
@@ -180,6 +182,8 @@ def stage_run(
 
     exp_id = setup(experiment)
     mark_killed_runs(exp_id, outputs=outputs)
+    from onereward import machine
+
     parent = mlflow.active_run()
     tags = {
         "stage": stage,
@@ -187,6 +191,7 @@ def stage_run(
         "git_commit": git_commit(),
         "host": HOST,
         "pid": str(os.getpid()),
+        **machine.facts(),  # stage times mean little without the CPU they ran on
         **{f"input.{k}": v for k, v in inputs.items()},
         **{f"output.{k}": v for k, v in outputs.items()},
     }
