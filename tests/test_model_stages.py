@@ -67,7 +67,7 @@ def test_pretrain_learns_registers_and_generates(tracked):
     assert runs[0].data.tags["output.base_model"] == base.uri
     # the stage's time is read with the machine it ran on
     tags = runs[0].data.tags
-    assert tags["machine.cpu"] == cpu_model() and tags["machine.threads"] == str(torch.get_num_threads())
+    assert tags["machine.cpu"] == cpu_model() and tags["machine.cores"] == str(len(os.sched_getaffinity(0)))
     assert tags["machine.avx512_bf16"] == str(torch.cpu._is_avx512_bf16_supported()).lower()
     model = mlflow.pyfunc.load_model("models:/onereward-generator@base")
     from onereward.models.registry import example_input

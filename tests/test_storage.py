@@ -68,8 +68,9 @@ def test_a_killed_writers_staging_is_cleaned_before_the_rerun(where, tmp_path, r
     killed.write_json("x.json", {})
     other = storage.ArtifactWriter(f"{root}/b/model", key="k")  # another artifact of the same name, mid-write
     other.write_json("x.json", {})
+    sibling = storage.ArtifactWriter(f"{root}/a/model-x", key="k")  # a longer name beside it, mid-write
     storage.clean_stale_staging(f"{root}/a/model")
-    assert not killed.dir.exists() and other.dir.exists()
+    assert not killed.dir.exists() and other.dir.exists() and sibling.dir.exists()
     other.commit()
     assert storage.Artifact(f"{root}/b/model").read_json("x.json") == {}
 

@@ -435,8 +435,10 @@ def clean_stale_staging(uri: str) -> None:
     """Remove the staging folders a killed writer of this artifact left behind (local or S3)."""
     parent, prefix = _staging_place(uri)
     if parent.exists():
-        for p in parent.glob(f"{prefix}*"):
-            shutil.rmtree(p, ignore_errors=True)
+        for p in parent.iterdir():
+            # mkdtemp's suffix has no "-": ".staging-model-x-…" (artifact "model-x") is not "model"'s
+            if p.name.startswith(prefix) and "-" not in p.name[len(prefix):]:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def download_prefix(uri: str, dest: Path) -> Path:

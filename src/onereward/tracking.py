@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from onereward import machine
 from onereward.config import home_dir
 
 
@@ -161,8 +162,6 @@ def _run(**kwargs: Any) -> Iterator[Any]:
 def pipeline_run(experiment: str, name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
     exp_id = setup(experiment)
     mark_killed_runs(exp_id)
-    from onereward import machine
-
     all_tags = {"git_commit": git_commit(), KIND_TAG: "pipeline", "host": HOST, "pid": str(os.getpid()),
                 **machine.facts(), **(tags or {})}
     with _run(experiment_id=exp_id, run_name=name, tags=all_tags) as run:
@@ -182,8 +181,6 @@ def stage_run(
 
     exp_id = setup(experiment)
     mark_killed_runs(exp_id, outputs=outputs)
-    from onereward import machine
-
     parent = mlflow.active_run()
     tags = {
         "stage": stage,
