@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 # Airflow reads its configuration at import: point it at a throwaway home and this repo's dags folder.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="airflow-home-")
+atexit.register(shutil.rmtree, _AIRFLOW_HOME, ignore_errors=True)  # one a pytest session piled up in /tmp
 os.environ.update({
     "AIRFLOW_HOME": _AIRFLOW_HOME,
     "AIRFLOW__CORE__DAGS_FOLDER": str(Path(__file__).resolve().parents[1] / "dags"),
