@@ -15,7 +15,7 @@ from onereward.data.images import from_png, to_png
 from onereward.pipeline import GRAPH
 from onereward.runner import execute_stage, run_pipeline, stage_key
 from onereward.stages.generate_candidates import SCHEMA as CANDIDATES
-from onereward.stages.label_preferences import KINDS, auto_pairs
+from onereward.stages.label_preferences import KINDS, auto_pairs, detail_conflicts, smoother_wins
 
 SIZE = 32
 STAGE = GRAPH.get("label_preferences")
@@ -165,6 +165,25 @@ def test_label_noise_flips_the_expected_share():
     assert max(r["confidence"] for r in cand) < max(r["confidence"] for r in clean if r["kind"] == "cand_vs_cand")
 
 
+def test_smoother_wins_names_kinds_that_reward_opposite_detail():
+    """Candidate pairs won by the blurred image and target pairs won by the sharp target: the warning names the
+    task; when the candidate pairs also reward detail it does not."""
+    target, mask = textured(5), box()
+    blurred = (target.astype(float) + np.roll(target, 1, 0) + np.roll(target, 1, 1) + np.roll(target, 1, (0, 1))) / 4
+    images = {"t": to_png(target), "soft": to_png(blurred.astype(np.uint8)), "sharp": to_png(shifted(target, mask, 9))}
+
+    def row(kind: str, winner: str, loser: str) -> dict:
+        return {"condition_id": "k", "task": "fill", "kind": kind, "winner_id": winner, "loser_id": loser,
+                "winner_image": images[winner], "loser_image": images[loser]}
+
+    masks = {"k": to_png(mask.astype(np.uint8) * 255)}
+    shares = smoother_wins([row("cand_vs_cand", "soft", "sharp"), row("target_vs_cand", "t", "soft")], masks)
+    assert shares == {"smoother_wins.cand_vs_cand.fill": 1.0, "smoother_wins.target_vs_cand.fill": 0.0}
+    assert detail_conflicts(shares) == ["fill: the smoother image wins 100% of candidate pairs but 0% of target pairs"]
+    shares = smoother_wins([row("cand_vs_cand", "sharp", "soft"), row("target_vs_cand", "t", "soft")], masks)
+    assert shares["smoother_wins.cand_vs_cand.fill"] == 0.0 and detail_conflicts(shares) == []
+
+
 def test_config_refuses_unknown_criteria_and_import_without_uri():
     with pytest.raises(ConfigError, match=r"labels\.criteria\.fill\.0"):
         load_config("tiny", ["labels.criteria.fill=[beauty]"])
@@ -219,6 +238,8 @@ def test_stage_runs_through_the_runner_and_writes_the_schema(small_settings, tmp
     for r in rows:
         cell = (r["task"], r["criterion"], r["kind"])
         assert rep["pairs_by_cell"][cell[0]][cell[1]][cell[2]] == m["pairs." + ".".join(cell)]
+    assert rep["smoother_wins"] == {k: v for k, v in m.items() if k.startswith("smoother_wins.")}
+    assert {tuple(k.split(".")[1:]) for k in rep["smoother_wins"]} == {(r["kind"], r["task"]) for r in rows}
     cells = [k for k in m if k.count(".") == 3 and k.startswith("pairs.")]
     assert sum(m[k] for k in cells) == len(rows)
     # on these candidates the worst one loses to the best on the in-mask measures

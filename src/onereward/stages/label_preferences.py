@@ -7,7 +7,13 @@ mean margin per task, criterion and kind); with `labels.kind: import` also table
 (schema.REJECTED_LABELS) and `rejected.json`, naming every export entry that was not kept.
 Config: `seed`, `labels`.
 Metrics: `pairs`, `pairs.<kind>`, `pairs.<task>.<criterion>.<kind>`, `margin.<task>.<criterion>.<kind>`,
-`below_margin.<kind>`, `flipped`, `conditions`, `conditions.no_target`, `rejected`, `rejected.<reason>`.
+`below_margin.<kind>`, `flipped`, `conditions`, `conditions.no_target`, `rejected`, `rejected.<reason>`,
+`smoother_wins.<kind>.<task>`.
+
+Label health: `smoother_wins.<kind>.<task>` is the share of pairs whose winner has less in-mask detail than its
+loser. Where candidate pairs reward the smoother image and target pairs the detailed one, one judge cannot
+learn both: the simplest feature the easy kinds teach ranks the candidates the wrong way round. The stage says
+so (a warning, not a failure: the labels may still be right).
 
 Labellers:
 - `auto` decides from the ground truth of the procedural data: each criterion has a measure of an image
@@ -135,6 +141,46 @@ def text_correctness(x: torch.Tensor, g: Ground) -> torch.Tensor:
 # Per criterion: (images (K,3,H,W), ground) -> (K,) error against the ground truth, lower is better.
 MEASURES: dict[str, Callable[[torch.Tensor, Ground], torch.Tensor]] = {
     f.__name__: f for f in (alignment, consistency, structure, aesthetics, removal_quality, text_correctness)}
+
+
+def detail(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(K,) in-mask RMS of the luminance minus its 3x3 local mean: the fine detail blur removes."""
+    lum = x.mean(1, keepdim=True)
+    high = lum - F.avg_pool2d(lum, 3, stride=1, padding=1, count_include_pad=False)
+    return _in_mask_mean(high**2, mask)[:, 0].sqrt()
+
+
+def smoother_wins(rows: list[dict], masks: dict[str, bytes]) -> dict[str, float]:
+    """`smoother_wins.<kind>.<task>`: share of the pairs whose winner has less in-mask detail than its loser;
+    `masks` maps condition id -> mask PNG. Each image is measured once, however many pairs it is in."""
+    measured: dict[tuple[str, str], float] = {}
+    by_cond: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_cond[r["condition_id"]].append(r)
+    wins: dict[str, list[bool]] = defaultdict(list)
+    for cid, group in by_cond.items():
+        images = {r[f"{side}_id"]: r[f"{side}_image"] for r in group for side in ("winner", "loser")}
+        todo = [i for i in images if (cid, i) not in measured]
+        if todo:
+            values = detail(mdata.to_tensor([images[i] for i in todo]), mdata.to_tensor([masks[cid]], "L"))
+            measured.update({(cid, i): v for i, v in zip(todo, values.tolist(), strict=True)})
+        for r in group:
+            wins[f"smoother_wins.{r['kind']}.{r['task']}"].append(
+                measured[(cid, r["winner_id"])] < measured[(cid, r["loser_id"])])
+    return {k: float(np.mean(v)) for k, v in sorted(wins.items())}
+
+
+def detail_conflicts(shares: dict[str, float]) -> list[str]:
+    """Tasks whose candidate pairs mostly reward the smoother image while their target pairs mostly reward
+    the detailed one, worded for the stage's warning."""
+    out = []
+    for key, cand in shares.items():
+        task = key.rsplit(".", 1)[1]
+        target = shares.get(f"smoother_wins.target_vs_cand.{task}")
+        if key.startswith("smoother_wins.cand_vs_cand.") and target is not None and cand > 0.5 > target:
+            out.append(f"{task}: the smoother image wins {cand:.0%} of candidate pairs but {target:.0%} of "
+                       "target pairs")
+    return out
 
 
 def relative_margin(winner: float, loser: float) -> float:
@@ -322,11 +368,15 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"label_preferences ({lc.kind}) made no pairs: {dict(counts)}")
     for i in range(0, len(rows), SHARD_ROWS):
         out.write_table(schema.table(rows[i : i + SHARD_ROWS], schema.PREFERENCES))
-    rep = report(rows, counts)
+    health = smoother_wins(rows, {cid: c["mask"] for cid, c in conds.items()})
+    for conflict in detail_conflicts(health):
+        print(f"label_preferences: warning: {conflict}; a judge that learns both kinds ranks candidates near or "
+              "below chance (see smoother_wins.* in the docstring)", flush=True)
+    rep = report(rows, counts) | {"smoother_wins": health}
     out.write_json("report.json", rep)
     tracking.log_dict(rep, "preferences_report.json")
     metrics: dict[str, float] = {"pairs": len(rows), **{f"pairs.{k}": n for k, n in rep["by_kind"].items()},
-                                 **{k: float(v) for k, v in counts.items()}}
+                                 **{k: float(v) for k, v in counts.items()}, **health}
     for task, crits in rep["pairs_by_cell"].items():
         for criterion, kinds in crits.items():
             for kind, n in kinds.items():
