@@ -70,6 +70,7 @@ def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path, stag
     m = outcome.metrics
     assert m[f"{prefix}heldout.pairs"] >= 20 and m[f"{prefix}heldout.acc.mean"] >= 0.9, m  # other conditions
     assert m[f"{prefix}heldout.order_gap"] <= 0.2 and m[f"{prefix}sanity.fill.target_vs_base"] >= 0.7, m
+    assert 0 <= m[f"{prefix}heldout.smoother_label"] <= 1 and 0 <= m[f"{prefix}heldout.smoother_pref"] <= 1, m
     art = storage.Artifact(out)
     assert art.files("judge/model/") and art.read_json("heldout_metrics.json") and "calibration.png" in art.files()
     # registered as a pyfunc scoring (image A, image B, task, criterion, prompt, masked input) -> P(A better)
@@ -85,6 +86,25 @@ def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path, stag
     assert 0 < float(p[0]) < 0.3, p
     shape = mlflow.MlflowClient().get_model_version_by_alias(name, alias).tags
     assert shape["arch"] == ("qwen2_vl" if stage == "train_reward" else "qwen2_5_vl"), shape
+
+
+def test_smoother_preference_counts_what_labels_and_judge_pick():
+    """Two candidate pairs: the labels pick the flat image in the first and the textured one in the second; the
+    judge agrees with the first label only, so it picked the flat (smoother) image twice."""
+    import torch
+
+    from onereward.models import data as mdata
+    from onereward.stages.train_reward import smoother_preference
+
+    rng = np.random.default_rng(0)
+    flat = mdata.to_tensor([_png(0.5, np.random.default_rng(1))]).mean((2, 3), keepdim=True).expand(1, 3, 32, 32)
+    textured = mdata.to_tensor([_png(0.5, rng)])
+    rows = [{"condition_id": "c", "kind": "cand_vs_cand"}, {"condition_id": "c", "kind": "cand_vs_cand"},
+            {"condition_id": "c", "kind": "target_vs_cand"}]
+    pairs = {"winner": torch.cat([flat, textured, textured]), "loser": torch.cat([textured, flat, flat])}
+    got = smoother_preference(rows, np.array([0.8, 0.3, 0.9]), pairs, {"c": _mask()})
+    assert got == {"heldout.smoother_label": 0.5, "heldout.smoother_pref": 1.0}
+    assert smoother_preference(rows[2:], np.array([0.9]), {k: v[2:] for k, v in pairs.items()}, {"c": _mask()}) == {}
 
 
 def test_judges_hold_out_different_conditions():

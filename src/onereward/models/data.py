@@ -70,6 +70,13 @@ def masked_input(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return images * (1 - masks)
 
 
+def detail(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, inside the mask: RMS of the luminance minus its 3x3 local mean, the fine detail blur removes."""
+    lum = x.mean(1, keepdim=True)
+    high = lum - F.avg_pool2d(lum, 3, stride=1, padding=1, count_include_pad=False)
+    return ((high**2 * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp_min(1)).sqrt()
+
+
 def mask_correlation(outputs, masks, targets) -> torch.Tensor:
     """Per image, inside the mask: Pearson correlation of output and target luminance. It asks whether the
     structure (for text rows, the glyph strokes) is where the target has it; anything flat (mean-colour

@@ -143,13 +143,6 @@ MEASURES: dict[str, Callable[[torch.Tensor, Ground], torch.Tensor]] = {
     f.__name__: f for f in (alignment, consistency, structure, aesthetics, removal_quality, text_correctness)}
 
 
-def detail(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(K,) in-mask RMS of the luminance minus its 3x3 local mean: the fine detail blur removes."""
-    lum = x.mean(1, keepdim=True)
-    high = lum - F.avg_pool2d(lum, 3, stride=1, padding=1, count_include_pad=False)
-    return _in_mask_mean(high**2, mask)[:, 0].sqrt()
-
-
 def smoother_wins(rows: list[dict], masks: dict[str, bytes]) -> dict[str, float]:
     """`smoother_wins.<kind>.<task>`: share of the pairs whose winner has less in-mask detail than its loser;
     `masks` maps condition id -> mask PNG. Each image is measured once, however many pairs it is in."""
@@ -162,7 +155,7 @@ def smoother_wins(rows: list[dict], masks: dict[str, bytes]) -> dict[str, float]
         images = {r[f"{side}_id"]: r[f"{side}_image"] for r in group for side in ("winner", "loser")}
         todo = [i for i in images if (cid, i) not in measured]
         if todo:
-            values = detail(mdata.to_tensor([images[i] for i in todo]), mdata.to_tensor([masks[cid]], "L"))
+            values = mdata.detail(mdata.to_tensor([images[i] for i in todo]), mdata.to_tensor([masks[cid]], "L"))
             measured.update({(cid, i): v for i, v in zip(todo, values.tolist(), strict=True)})
         for r in group:
             wins[f"smoother_wins.{r['kind']}.{r['task']}"].append(
@@ -371,7 +364,7 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
     health = smoother_wins(rows, {cid: c["mask"] for cid, c in conds.items()})
     for conflict in detail_conflicts(health):
         print(f"label_preferences: warning: {conflict}; a judge that learns both kinds ranks candidates near or "
-              "below chance (see smoother_wins.* in the docstring)", flush=True)
+              "below chance (metrics smoother_wins.*)", flush=True)
     rep = report(rows, counts) | {"smoother_wins": health}
     out.write_json("report.json", rep)
     tracking.log_dict(rep, "preferences_report.json")

@@ -9,8 +9,9 @@ Config: `seed`, `reward` (`reward.judge` and `reward.audit` say which architectu
 Metrics: `heldout.acc.mean`, `heldout.acc.<task>.<criterion>` (all held-out pairs), `heldout.acc_cand.mean` and
 `heldout.acc_cand.<task>.<criterion>` (candidate-vs-candidate pairs only), `heldout.acc_kind.<kind>`,
 `heldout.order_gap` (mean |P(A>B) + P(B>A) - 1|), `sanity.<task>.target_vs_base`,
-`sanity.<task>.base_vs_collapsed`, `train_loss` and `heldout.acc*.curve`; the audit judge's carry the
-prefix `audit.`.
+`sanity.<task>.base_vs_collapsed`, `heldout.smoother_label` and `heldout.smoother_pref` (on held-out
+candidate pairs, how often the labels and the judge pick the image with less in-mask detail), `train_loss` and
+`heldout.acc*.curve`; the audit judge's carry the prefix `audit.`.
 
 Pairs are split by condition (`reward.heldout_fraction`, hashed with the judge's `split_seed`), so no held-out
 condition is seen in training; the audit judge holds out other conditions and is another architecture
@@ -161,6 +162,22 @@ def evaluate_judge(judge: TinyJudge, rows: list[dict], pairs: dict) -> tuple[dic
     return metrics, p_win
 
 
+def smoother_preference(rows: list[dict], p_win: np.ndarray, pairs: dict, masks: dict[str, bytes]
+                        ) -> dict[str, float]:
+    """On the candidate pairs of `rows`: the share whose label picks the image with less in-mask detail, and the
+    share where the judge (its P(winner better) `p_win`) does. A judge below the labels learned "detail wins"
+    from the target and degraded pairs (label_preferences' `smoother_wins`); one above them leans to blur, what
+    RL against it would learn."""
+    idx = [i for i, r in enumerate(rows) if r["kind"] == "cand_vs_cand"]
+    if not idx:
+        return {}
+    m = mdata.to_tensor([masks[rows[i]["condition_id"]] for i in idx], "L")
+    smoother_won = mdata.detail(pairs["winner"][idx], m) < mdata.detail(pairs["loser"][idx], m)
+    judge_agrees = torch.from_numpy(p_win[idx] > 0.5)
+    return {"heldout.smoother_label": float(smoother_won.float().mean()),
+            "heldout.smoother_pref": float((smoother_won == judge_agrees).float().mean())}
+
+
 def check_gate(metrics: dict[str, float], tasks: list[str], min_target: float, min_collapsed: float,
                stage: str) -> None:
     failed = []
@@ -291,8 +308,8 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     if not rows:
         raise ValueError(f"preferences {ctx.inputs['preferences'].uri}: no labelled pairs to learn from")
     used = {x["condition_id"] for x in rows}
-    context = condition_context([c for c in ctx.inputs["conditions"].read_table().to_pylist()
-                                 if c["condition_id"] in used])
+    conditions = [c for c in ctx.inputs["conditions"].read_table().to_pylist() if c["condition_id"] in used]
+    context = condition_context(conditions)
     held = [x for x in rows if _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
     train = [x for x in rows if not _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
     if not held or not train:
@@ -309,6 +326,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     warmup_loss = warm_up_vision(judge, train_pairs, r, s.seed, stage)
     fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage)
     metrics, p_win = evaluate_judge(judge, held, held_pairs)
+    metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
     if warmup_loss is not None:
         metrics["warmup.bt_loss"] = warmup_loss
