@@ -11,9 +11,9 @@ Metrics: `pairs`, `pairs.<kind>`, `pairs.<task>.<criterion>.<kind>`, `margin.<ta
 `smoother_wins.<kind>.<task>`.
 
 Label health: `smoother_wins.<kind>.<task>` is the share of pairs whose winner has less in-mask detail than its
-loser. Where candidate pairs reward the smoother image and target pairs the detailed one, one judge cannot
-learn both: the simplest feature the easy kinds teach ranks the candidates the wrong way round. The stage says
-so (a warning, not a failure: the labels may still be right).
+loser. Where candidate pairs reward the smoother image and target pairs the detailed one, the two kinds pull a
+judge's use of detail in opposite directions: "detail wins", the simplest rule the easy kinds teach, ranks the
+candidates the wrong way round. The stage says so (a warning, not a failure: the labels may still be right).
 
 Labellers:
 - `auto` decides from the ground truth of the procedural data: each criterion has a measure of an image
@@ -363,8 +363,8 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
         out.write_table(schema.table(rows[i : i + SHARD_ROWS], schema.PREFERENCES))
     health = smoother_wins(rows, {cid: c["mask"] for cid, c in conds.items()})
     for conflict in detail_conflicts(health):
-        print(f"label_preferences: warning: {conflict}; a judge that learns both kinds ranks candidates near or "
-              "below chance (metrics smoother_wins.*)", flush=True)
+        print(f"label_preferences: warning: {conflict}; the two kinds pull a judge's use of detail "
+              "in opposite directions (metrics smoother_wins.*)", flush=True)
     rep = report(rows, counts) | {"smoother_wins": health}
     out.write_json("report.json", rep)
     tracking.log_dict(rep, "preferences_report.json")
