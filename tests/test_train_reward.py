@@ -70,6 +70,7 @@ def test_judge_learns_a_visible_rule_on_held_out_conditions(home, tmp_path, stag
     m = outcome.metrics
     assert m[f"{prefix}heldout.pairs"] >= 20 and m[f"{prefix}heldout.acc.mean"] >= 0.9, m  # other conditions
     assert m[f"{prefix}heldout.order_gap"] <= 0.2 and m[f"{prefix}sanity.fill.target_vs_base"] >= 0.7, m
+    assert {f"{prefix}warmup.heldout.acc_kind.{k}" for k in KIND_OF} <= set(m), sorted(m)
     assert 0 <= m[f"{prefix}heldout.smoother_label"] <= 1 and 0 <= m[f"{prefix}heldout.smoother_pref"] <= 1, m
     art = storage.Artifact(out)
     assert art.files("judge/model/") and art.read_json("heldout_metrics.json") and "calibration.png" in art.files()
@@ -140,22 +141,28 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     import torch
 
     from onereward.models.judge import TinyJudge
-    from onereward.stages.train_reward import condition_context, training_pairs, warm_up_vision
+    from onereward.stages.train_reward import condition_context, pair_tensors, training_pairs, warm_up_vision
 
     prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
-    _preferences(prefs, conds, 20)
+    _preferences(prefs, conds, 30)
     rows = storage.Artifact(prefs).read_table().to_pylist()
+    train, held = [x for x in rows if int(x["condition_id"][1:]) < 20], [x for x in rows
+                                                                        if int(x["condition_id"][1:]) >= 20]
     context = condition_context(storage.Artifact(conds).read_table().to_pylist())
     r = load_config("tiny", ["reward.vision_warmup_steps=60", "reward.batch_size=16"]).reward
     judge = TinyJudge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
     before = {k: v.clone() for k, v in judge.model.state_dict().items()}
-    loss = warm_up_vision(judge, training_pairs(rows, context, r), r, 0, "test")
-    assert loss is not None and loss < 0.35, loss  # ln 2 = 0.69 at chance
+    m = warm_up_vision(judge, training_pairs(train, context, r), r, 0, "test", (held, pair_tensors(held, context)))
+    assert m["warmup.bt_loss"] < 0.35, m  # ln 2 = 0.69 at chance
+    # the vision score alone ranks the pairs of conditions it never saw, each kind on its own
+    assert set(m) == {"warmup.bt_loss", "warmup.heldout.acc_cand.mean",
+                      *(f"warmup.heldout.acc_kind.{k}" for k in KIND_OF)}, m
+    assert all(v >= 0.9 for k, v in m.items() if ".heldout." in k), m
     after = judge.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
     r0 = load_config("tiny", ["reward.vision_warmup_steps=0"]).reward
-    assert warm_up_vision(judge, training_pairs(rows, context, r0), r0, 0, "test") is None
+    assert warm_up_vision(judge, training_pairs(train, context, r0), r0, 0, "test") == {}
 
 
 

@@ -11,7 +11,9 @@ Metrics: `heldout.acc.mean`, `heldout.acc.<task>.<criterion>` (all held-out pair
 `heldout.order_gap` (mean |P(A>B) + P(B>A) - 1|), `sanity.<task>.target_vs_base`,
 `sanity.<task>.base_vs_collapsed`, `heldout.smoother_label` and `heldout.smoother_pref` (on held-out
 candidate pairs, how often the labels and the judge pick the image with less in-mask detail), `train_loss` and
-`heldout.acc*.curve`; the audit judge's carry the prefix `audit.`.
+`heldout.acc*.curve`; from the vision warm-up `warmup.bt_loss`, `warmup.heldout.acc_kind.<kind>` and
+`warmup.heldout.acc_cand.mean` (the warm-up's vision-only score on the held-out pairs: whether the image features
+separate a kind before the query is trained); the audit judge's carry the prefix `audit.`.
 
 Pairs are split by condition (`reward.heldout_fraction`, hashed with the judge's `split_seed`), so no held-out
 condition is seen in training; the audit judge holds out other conditions and is another architecture
@@ -227,15 +229,49 @@ def _lr_at(step: int, r: RewardConfig) -> float:
     return r.lr
 
 
-def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, label: str) -> float | None:
+def _scores(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, str]], winner: torch.Tensor,
+            loser: torch.Tensor, q: Query) -> tuple[torch.Tensor, torch.Tensor]:
+    """The warm-up's linear score of each winner and loser over its pooled vision features."""
+    b = len(winner)
+    context = None if q.context is None else q.context.repeat(2, 1, 1, 1)
+    feats = judge.image_features(torch.cat([winner, loser]), context)
+    w = head[torch.tensor([keys.index(k) for k in zip(q.tasks, q.criteria, strict=True)])]
+    return (feats[:b] * w).sum(-1), (feats[b:] * w).sum(-1)
+
+
+def vision_accuracy(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, str]], rows: list[dict],
+                    pairs: dict, batch: int = 256) -> dict[str, float]:
+    """`warmup.heldout.acc_kind.<kind>` and `warmup.heldout.acc_cand.mean`: how often the warm-up's score alone
+    ranks the held-out pairs right, i.e. whether the image features separate a kind at all before the query
+    is trained. Cells the training pairs lack have no score and are left out."""
+    judge.model.eval()
+    known = [i for i, x in enumerate(rows) if (x["task"], x["criterion"]) in keys]
+    right = []
+    with torch.no_grad():
+        for s in range(0, len(known), batch):
+            idx = known[s : s + batch]
+            win, lose = _scores(judge, head, keys, pairs["winner"][idx], pairs["loser"][idx], pairs["query"][idx])
+            right.extend((win > lose).tolist())
+    kinds: dict[str, list[bool]] = defaultdict(list)
+    for i, ok in zip(known, right, strict=True):
+        kinds[rows[i]["kind"]].append(ok)
+    out = {f"warmup.heldout.acc_kind.{k}": float(np.mean(v)) for k, v in sorted(kinds.items())}
+    if "cand_vs_cand" in kinds:
+        out["warmup.heldout.acc_cand.mean"] = out["warmup.heldout.acc_kind.cand_vs_cand"]
+    return out
+
+
+def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, label: str,
+                   held: tuple[list[dict], dict] | None = None) -> dict[str, float]:
     """Bradley-Terry on the vision tower alone before the pairwise query is trained: a linear score per
     (task, criterion) over each image's pooled features, pushed winner above loser; the score head is then
     dropped. Trained alone, the pairwise query sat at ln 2 for 1,000+ steps on candidate pairs (the answer token
     must find the comparison through the language model before any image feature gets a useful gradient); from
-    a vision tower that already tells the images apart it learns in a few hundred steps. Returns the mean
-    Bradley-Terry loss of the last tenth of the steps (None without a warm-up)."""
+    a vision tower that already tells the images apart it learns in a few hundred steps. Returns
+    `warmup.bt_loss`, the mean Bradley-Terry loss of the last tenth of the steps, and with `held` (held-out rows
+    and their pair_tensors) the vision_accuracy metrics; {} without a warm-up."""
     if r.vision_warmup_steps == 0:
-        return None
+        return {}
     q = train["query"]
     keys = sorted(set(zip(q.tasks, q.criteria, strict=True)))
     rng = torch.Generator().manual_seed(seed)
@@ -243,16 +279,13 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
     head.requires_grad_(True)
     params = [*judge.model.model.visual.parameters(), head]
     opt = torch.optim.AdamW(params, lr=r.lr, fused=True)
-    b, losses = r.batch_size, []
+    losses: list[float] = []
     with Progress(transient=False) as bar:
         task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps)
         for step in range(r.vision_warmup_steps):
             judge.model.train()
-            winner, loser, bq = draw_batch(train, r, rng)
-            context = None if bq.context is None else bq.context.repeat(2, 1, 1, 1)
-            feats = judge.image_features(torch.cat([winner, loser]), context)
-            w = head[torch.tensor([keys.index(k) for k in zip(bq.tasks, bq.criteria, strict=True)])]
-            loss = F.softplus((feats[b:] * w).sum(-1) - (feats[:b] * w).sum(-1)).mean()
+            win, lose = _scores(judge, head, keys, *draw_batch(train, r, rng))
+            loss = F.softplus(lose - win).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -261,9 +294,13 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
             losses.append(loss.item())
             if step % 10 == 0:
                 tracking.log_metrics({"warmup_loss": loss.item()}, step=step)
-    final = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    print(f"{label}: vision warm-up {r.vision_warmup_steps} steps, Bradley-Terry loss {final:.4f}", flush=True)
-    return final
+    metrics = {"warmup.bt_loss": float(np.mean(losses[-max(1, len(losses) // 10):]))}
+    if held is not None:
+        metrics |= vision_accuracy(judge, head.detach(), keys, *held)
+    print(f"{label}: vision warm-up {r.vision_warmup_steps} steps, Bradley-Terry loss {metrics['warmup.bt_loss']:.4f}"
+          + "".join(f", held-out {k.rsplit('.', 1)[1]} {v:.3f}" for k, v in metrics.items() if ".acc_kind." in k),
+          flush=True)
+    return metrics
 
 
 def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
@@ -323,13 +360,12 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
           flush=True)
     t0 = time.perf_counter()
     train_pairs, held_pairs = training_pairs(train, context, r), pair_tensors(held, context)
-    warmup_loss = warm_up_vision(judge, train_pairs, r, s.seed, stage)
+    warmup = warm_up_vision(judge, train_pairs, r, s.seed, stage, (held, held_pairs))
     fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage)
     metrics, p_win = evaluate_judge(judge, held, held_pairs)
     metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
-    if warmup_loss is not None:
-        metrics["warmup.bt_loss"] = warmup_loss
+    metrics |= warmup
     print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1), flush=True)
     fig = calibration_plot(p_win)
     tracking.log_figure(fig, "calibration.png")
