@@ -116,3 +116,26 @@ def test_packed_sdpa_keeps_unequal_chunks_apart():
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
                      for a, b in ((0, 3), (3, 10))], dim=2).transpose(1, 2)
     assert out.shape == (1, 10, 2, 8) and torch.allclose(out, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_vision_geometry_equals_transformers_per_call_derivation(arch):
+    """vision_tokens hands the tower its rope positions and image/window boundaries, computed once per batch
+    size; the tokens and gradients must be those of the tower deriving them itself on each call."""
+    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+    visual, grid = judge.model.model.visual, judge.shape.grid
+    g = torch.Generator().manual_seed(4)
+    for n in (3, 6, 3):
+        x, ctx = (torch.rand(n, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+        out = {}
+        for cached in (True, False):
+            judge.model.zero_grad()
+            if cached:
+                tokens = judge.vision_tokens(x, ctx)
+            else:
+                pixels = pixel_values(x, judge.shape, ctx)
+                tokens = visual(pixels, grid_thw=torch.tensor([[1, grid, grid]] * n)).pooler_output
+            tokens.square().sum().backward()
+            out[cached] = (tokens.detach().reshape(n, -1), visual.blocks[0].attn.qkv.weight.grad.clone())
+        assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert sorted(n for n, _ in judge._geometry) == [3, 6]

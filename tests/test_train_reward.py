@@ -196,3 +196,17 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
     assert 0.8 < (sym[torch.from_numpy(~text)] != 0).float().mean() < 0.95  # 7 of 8 symmetries turn a row
     with pytest.raises(ValueError, match="cand_vs_cand"):
         sampling_weights(rows, {"cand_vs_degraded": 1.0})
+
+
+def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order():
+    import torch
+
+    from onereward.models import data as mdata
+
+    rng = np.random.default_rng(5)
+    a, b = _png(0.2, rng), _png(0.8, rng)
+    rows = [a, b, a, a, b]
+    x = mdata.to_tensor(rows)
+    single = {p: mdata.to_tensor([p])[0] for p in (a, b)}
+    assert x.shape == (5, 3, 32, 32)
+    assert all(torch.equal(x[i], single[p]) for i, p in enumerate(rows))

@@ -12,10 +12,15 @@ from onereward.data.images import from_png, to_png
 
 
 def to_tensor(pngs: list[bytes], mode: str = "RGB") -> torch.Tensor:
-    arr = np.stack([from_png(p, mode) for p in pngs]).astype(np.float32) / 255.0
+    """(N, C, H, W) in [-1, 1] (masks: {0, 1}). Each distinct PNG is decoded once: a judge's 19k training pairs
+    hold ~5k distinct images (a candidate is in many pairs), and decoding every row took 9 s of 11."""
+    index: dict[bytes, int] = {}
+    rows = [index.setdefault(p, len(index)) for p in pngs]
+    distinct = torch.from_numpy(np.stack([from_png(p, mode) for p in index]))
+    x = distinct[torch.tensor(rows)].float() / 255.0
     if mode == "L":
-        return torch.from_numpy((arr > 0.5).astype(np.float32))[:, None]
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) * 2 - 1
+        return (x > 0.5).float()[:, None]
+    return x.permute(0, 3, 1, 2) * 2 - 1
 
 
 def to_pngs(images: torch.Tensor) -> list[bytes]:
