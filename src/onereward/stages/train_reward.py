@@ -57,11 +57,11 @@ def _heldout(condition_id: str, fraction: float, seed: int) -> bool:
 
 def condition_context(conditions: list[dict]) -> dict[str, tuple[str, bytes]]:
     """condition_id -> (prompt, masked input PNG): what the judge is shown of each condition."""
-    out = {}
-    for c in conditions:
-        x = mdata.masked_input(mdata.to_tensor([c["image"]]), mdata.to_tensor([c["mask"]], "L"))
-        out[c["condition_id"]] = (c["prompt"], mdata.to_pngs(x)[0])
-    return out
+    if not conditions:
+        return {}
+    x = mdata.masked_input(mdata.to_tensor([c["image"] for c in conditions]),
+                           mdata.to_tensor([c["mask"] for c in conditions], "L"))
+    return {c["condition_id"]: (c["prompt"], png) for c, png in zip(conditions, mdata.to_pngs(x), strict=True)}
 
 
 def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict:
