@@ -149,3 +149,16 @@ def test_a_missing_column_is_named(home):
     with pytest.raises(DataValidationError) as e:
         validate("curated", df, curated_suite(16), "image_id")
     assert "observed {'missing': ['height', 'image', 'origin', 'phash', 'width']}" in str(e.value)
+
+
+def test_planning_the_graph_imports_no_torch(tmp_path):
+    """A fully cached `make run` only plans the graph (keys from config, inputs and external fingerprints) and
+    finds every output committed: it must not pay for importing torch (~3 s here). Run in a fresh interpreter,
+    since this one has imported torch already."""
+    code = ("import sys\nfrom onereward.config import load_config\nfrom onereward.runner import plan\n"
+            "plan(load_config('tiny'))\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    env = {**os.environ, "ONEREWARD_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

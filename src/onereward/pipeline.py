@@ -138,7 +138,7 @@ GRAPH = Graph((
     Stage("label_preferences", "onereward.stages.label_preferences:label_preferences", ("conditions", "candidates"),
           (Output("preferences"),), ("seed", "labels"),
           description="winner/loser per (task, criterion) from a pluggable labeller",
-          fingerprint="onereward.stages.label_preferences:import_fingerprint"),
+          fingerprint="onereward.data.labelstudio:export_fingerprint"),
     Stage("train_reward", "onereward.stages.train_reward:train_reward", ("preferences", "conditions"),
           (Output("reward_model", "Model"),), ("seed", "reward"), GPU,
           description="train the VLM judge on Yes/No; sanity gate; register it"),

@@ -25,11 +25,26 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from onereward.data.images import from_png, to_png
 
+if TYPE_CHECKING:
+    from onereward.config import Settings
+
 CHOICE_INDEX = {"image1": 0, "left": 0, "image2": 1, "right": 1}
+
+
+def export_fingerprint(s: Settings) -> str | None:
+    """The bytes of the Label Studio export that `labels.kind: import` reads, hashed into label_preferences' key:
+    new labels at an unchanged URI are new data. Here, not beside the stage, so that computing the key of a
+    cached run imports no torch."""
+    from onereward import storage
+
+    uri = s.labels.import_uri
+    if s.labels.kind != "import" or not uri:
+        return None
+    return hashlib.sha256(storage.read_bytes(uri) if storage.exists(uri) else b"").hexdigest()[:16]
 
 
 def pair_id(condition_id: str, criterion: str, a: str, b: str) -> str:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from scipy.ndimage import binary_dilation
 
 from onereward import storage, tracking
-from onereward.config import LabelsConfig, Settings
+from onereward.config import LabelsConfig
 from onereward.data import labelstudio, procedural, schema
 from onereward.models import data as mdata
 from onereward.models.data import _masked_mse
@@ -378,11 +378,3 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
                 if margin is not None:
                     metrics[f"margin.{task}.{criterion}.{kind}"] = margin
     return metrics
-
-
-def import_fingerprint(s: Settings) -> str | None:
-    """The bytes of the Label Studio export: new labels at an unchanged URI are new data."""
-    uri = s.labels.import_uri
-    if s.labels.kind != "import" or not uri:
-        return None
-    return hashlib.sha256(storage.read_bytes(uri) if storage.exists(uri) else b"").hexdigest()[:16]
