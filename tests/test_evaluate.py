@@ -3,6 +3,8 @@
 its reasons while `champion` does not move. The upstream stages train for real (a few steps each); MLflow is the
 sqlite store under ONEREWARD_HOME."""
 
+import time
+
 import pytest
 import torch
 from sizes import DISTILL, EVALUATE, RL, UPSTREAM
@@ -252,3 +254,24 @@ def test_the_students_background_term_pulls_its_x0_towards_the_input_outside_the
                                     student.encode_text(batch["prompts"]))
         errors[weight] = float(mdata._masked_mse(x0, batch["images"], 1 - masks).mean())
     assert errors[4.0] < 0.8 * errors[0.0], errors  # measured: 0.058 vs 0.091
+
+
+def test_latency_is_a_median_of_single_image_calls_cut_by_the_time_budget():
+    from types import SimpleNamespace
+
+    from onereward.stages.evaluate import Contender, latency
+
+    calls = []
+
+    class Slow:  # a stand-in generator: only the number and size of its calls matter here
+        def sample(self, images, masks, prompts, *, steps, guidance, seed):
+            calls.append(len(images))
+            time.sleep(0.02)
+
+    cond = SimpleNamespace(rows=[0, 1], batch={"images": torch.zeros(2, 3, 4, 4), "masks": torch.zeros(2, 1, 4, 4),
+                                               "prompts": ["a", "b"]})
+    c = Contender("teacher", Slow(), 28, 2.0)
+    assert 0.02 <= latency(c, cond, 16) < 0.1 and len(calls) == 17  # a warm-up, then 16 timed
+    calls.clear()
+    latency(c, cond, 16, budget_s=0.05)
+    assert len(calls) == 1 + 3 and set(calls) == {1}  # the budget is spent after three calls of 0.02 s

@@ -10,7 +10,7 @@ import yaml
 
 from onereward.config import load_config
 from onereward.orchestration import contract
-from onereward.pipeline import GRAPH, Graph, Output, Resources, Stage
+from onereward.pipeline import GRAPH, PENDING, Graph, Output, Resources, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fraction=0.25",
@@ -27,7 +27,6 @@ TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fractio
         "evaluate.gates.win_rate_vs_base=false", "evaluate.gates.max_bg_psnr_drop=100",
         "evaluate.gates.max_mask_error_rise=100", "evaluate.gates.max_measure_rise=100",
         "evaluate.gates.min_student_quality=0"]
-PENDING = "onereward.stages.pending:not_implemented"
 
 
 def _compile(tmp_path, graph=GRAPH):

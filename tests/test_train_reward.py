@@ -198,7 +198,7 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
         sampling_weights(rows, {"cand_vs_degraded": 1.0})
 
 
-def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order():
+def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order(monkeypatch):
     import torch
 
     from onereward.models import data as mdata
@@ -206,7 +206,11 @@ def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order():
     rng = np.random.default_rng(5)
     a, b = _png(0.2, rng), _png(0.8, rng)
     rows = [a, b, a, a, b]
+    decoded = []
+    decode = mdata.from_png
+    monkeypatch.setattr(mdata, "from_png", lambda png, mode: decoded.append(png) or decode(png, mode))
     x = mdata.to_tensor(rows)
+    assert sorted(decoded) == sorted([a, b])  # five rows, two distinct images: two decodes
     single = {p: mdata.to_tensor([p])[0] for p in (a, b)}
     assert x.shape == (5, 3, 32, 32)
     assert all(torch.equal(x[i], single[p]) for i, p in enumerate(rows))

@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_config(args.profile, args.set)
     start = time.perf_counter()
     try:
-        result = run_pipeline(settings, until=args.until, force=tuple(args.force))
+        result = run_pipeline(settings, until=args.until, force=tuple(args.force), jobs=args.jobs)
     except StageFailed as e:
         print(f"pipeline failed at stage {e.stage}: {e.cause}", file=sys.stderr)
         return 1
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", help="stop after this stage")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    r.add_argument("--jobs", type=int, metavar="N", help="stages that do not depend on each other (the two judges) "
+                   "run side by side, up to N at a time (default: the cores); 1 runs one stage at a time")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage from input URIs to output URIs (container entrypoint)")

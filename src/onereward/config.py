@@ -322,6 +322,9 @@ class EvaluateConfig(Strict):
     bootstrap: int = Field(1000, ge=100)
     same_margin: float = Field(0.05, ge=0, lt=0.5)  # |P - 0.5| below this is "Same" in Good/Same/Bad
     latency_images: int = Field(16, ge=1)  # single-image calls timed per model (their median)
+    # ... or fewer once a model's calls took this long (3 at least): the 28-step teacher's 16 calls took 52 s of
+    # evaluate's 232 on 2 cores, and a 1.4-3 s call already averages out the jitter that moves a 0.1 s one
+    latency_budget_s: float = Field(10.0, gt=0)
     grid_rows: int = Field(4, ge=1)
     gates: GateConfig = Field(default_factory=GateConfig)
 

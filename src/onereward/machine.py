@@ -43,11 +43,15 @@ def _gpu() -> str:
     return f"{len(names)} x {names[0]}" if names else "none"
 
 
+def cores() -> int:
+    """The cores this process may run on (the affinity mask: a container's CPU set, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @functools.cache
 def facts() -> dict[str, str]:
     """As MLflow tags (`machine.*`): strings only."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
-    return {"machine.cpu": cpu_model(), "machine.cores": str(cores),
+    return {"machine.cpu": cpu_model(), "machine.cores": str(cores()),
             "machine.avx512_bf16": str("avx512_bf16" in _cpuinfo().get("flags", "").split()).lower(),
             "machine.gpu": _gpu()}
 

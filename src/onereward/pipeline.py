@@ -116,8 +116,7 @@ class Graph:
         return replace(self, stages=(*self.stages, stage))
 
 
-def _pending(name: str) -> str:
-    return "onereward.stages.pending:not_implemented"
+PENDING = "onereward.stages.pending:not_implemented"  # the func of a stage declared before it is built
 
 
 GRAPH = Graph((

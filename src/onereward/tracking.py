@@ -30,6 +30,8 @@ def tracking_uri() -> str:
 
 
 GIT_COMMIT_ENV = "ONEREWARD_GIT_COMMIT"
+# the local runner's pipeline run, for stages it runs side by side in child processes (no active run there)
+PARENT_RUN_ENV = "ONEREWARD_PARENT_RUN_ID"
 
 
 def git_commit() -> str:
@@ -176,12 +178,14 @@ def stage_run(
     inputs: dict[str, str],
     outputs: dict[str, str],
 ) -> Iterator[Any]:
-    """A run for one stage: nested when a pipeline run is active, top-level otherwise."""
+    """A run for one stage: nested when a pipeline run is active (in this process, or the local runner's, named
+    by ONEREWARD_PARENT_RUN_ID in a stage it runs side by side), top-level otherwise."""
     import mlflow
 
     exp_id = setup(experiment)
     mark_killed_runs(exp_id, outputs=outputs)
     parent = mlflow.active_run()
+    parent_id = None if parent else os.environ.get(PARENT_RUN_ENV) or None
     tags = {
         "stage": stage,
         KIND_TAG: "stage",
@@ -192,7 +196,8 @@ def stage_run(
         **{f"input.{k}": v for k, v in inputs.items()},
         **{f"output.{k}": v for k, v in outputs.items()},
     }
-    with _run(experiment_id=exp_id, run_name=stage, nested=parent is not None, tags=tags) as run:
+    with _run(experiment_id=exp_id, run_name=stage, nested=parent is not None, parent_run_id=parent_id,
+              tags=tags) as run:
         mlflow.log_params(flatten_params(params))
         yield run
 

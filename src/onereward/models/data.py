@@ -13,7 +13,7 @@ from onereward.data.images import from_png, to_png
 
 def to_tensor(pngs: list[bytes], mode: str = "RGB") -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] (masks: {0, 1}). Each distinct PNG is decoded once: a judge's 19k training pairs
-    hold ~5k distinct images (a candidate is in many pairs), and decoding every row took 9 s of 11."""
+    hold ~5k distinct images (a candidate is in many pairs): the winner and loser tensors 4.8 -> 1.2 s."""
     index: dict[bytes, int] = {}
     rows = [index.setdefault(p, len(index)) for p in pngs]
     distinct = torch.from_numpy(np.stack([from_png(p, mode) for p in index]))

@@ -1,0 +1,41 @@
+"""Stages of a toy graph for the local runner's side-by-side test: a child process imports them by name, so they
+live in a module of their own (importing a test module would drag pytest and the fixtures along)."""
+
+import os
+import time
+
+from onereward.stages import StageContext
+
+
+def source(ctx: StageContext) -> dict[str, float]:
+    ctx.outputs["seed"].write_json("seed.json", {"seed": ctx.settings.seed})
+    return {}
+
+
+def _branch(ctx: StageContext, out: str, fail: bool = False) -> dict[str, float]:
+    start = time.time()
+    time.sleep(2.0)  # long enough to overlap a sibling's start-up (imports, MLflow run) by a wide margin
+    ctx.outputs[out].write_json("half.json", {"written": "before the failure, if any"})
+    if fail:
+        raise ValueError(f"{ctx.stage}: row 3, field 'mask' is empty")
+    ctx.outputs[out].write_json("who.json", {"pid": os.getpid(), "start": start, "end": time.time(),
+                                             "seed": ctx.inputs["seed"].read_json("seed.json")["seed"]})
+    return {"slept": time.time() - start}
+
+
+def left(ctx: StageContext) -> dict[str, float]:
+    return _branch(ctx, "left_out")
+
+
+def right(ctx: StageContext) -> dict[str, float]:
+    return _branch(ctx, "right_out")
+
+
+def right_fails(ctx: StageContext) -> dict[str, float]:
+    return _branch(ctx, "right_out", fail=True)
+
+
+def join(ctx: StageContext) -> dict[str, float]:
+    ctx.outputs["joined"].write_json("both.json", [ctx.inputs[a].read_json("who.json") for a in ("left_out",
+                                                                                                  "right_out")])
+    return {}

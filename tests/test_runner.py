@@ -1,0 +1,83 @@
+"""The local runner runs stages that do not depend on each other (the two judges) side by side in child
+processes, as KFP and Airflow run them as parallel tasks: a toy graph of real stages, the sqlite MLflow store."""
+
+import os
+
+import mlflow
+import pytest
+
+from onereward import storage, tracking
+from onereward.config import load_config
+from onereward.pipeline import Graph, Output, Stage
+from onereward.runner import StageFailed, plan, run_pipeline, side_by_side
+
+
+def _graph(right: str = "right") -> Graph:
+    return Graph((
+        Stage("source", "side_stages:source", (), (Output("seed"),), ("seed",)),
+        Stage("left", "side_stages:left", ("seed",), (Output("left_out"),), ("seed",)),
+        Stage("right", f"side_stages:{right}", ("seed",), (Output("right_out"),), ("seed",)),
+        Stage("join", "side_stages:join", ("left_out", "right_out"), (Output("joined"),), ("seed",)),
+    ))
+
+
+def _runs(run_id: str) -> dict[str, mlflow.entities.Run]:
+    tracking.setup("onereward")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("onereward").experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{run_id}'")
+    return {r.info.run_name: r for r in runs}
+
+
+def test_the_plan_groups_only_stages_that_read_nothing_of_each_other():
+    from onereward.pipeline import GRAPH
+
+    groups = [[p.stage.name for p in g] for g in side_by_side(plan(load_config("tiny"), GRAPH), jobs=2)]
+    assert ["train_reward", "train_audit_reward"] in groups
+    assert all(len(g) == 1 for g in groups if g != ["train_reward", "train_audit_reward"])
+    assert all(len(g) == 1 for g in side_by_side(plan(load_config("tiny"), GRAPH), jobs=1))
+
+
+def test_independent_stages_run_side_by_side_nested_under_the_pipeline_run(home):
+    settings = load_config("tiny")
+    first = run_pipeline(settings, graph=_graph(), jobs=2)
+    assert [(o.stage, o.status) for o in first.outcomes] == [(s, "done") for s in ("source", "left", "right",
+                                                                                   "join")]
+    out = {o.stage: o.outputs for o in first.outcomes}
+    left, right = storage.Artifact(out["join"]["joined"]).read_json("both.json")
+    assert len({left["pid"], right["pid"], os.getpid()}) == 3  # each in a process of its own
+    assert left["start"] < right["end"] and right["start"] < left["end"], (left, right)  # at the same time
+    runs = _runs(first.run_id)
+    assert set(runs) == {"source", "left", "right", "join"}  # the children's runs nest like the others
+    assert runs["right"].info.status == "FINISHED" and runs["right"].data.metrics["slept"] >= 2.0
+    assert runs["left"].data.tags["pid"] == str(left["pid"])
+
+    again = run_pipeline(settings, graph=_graph(), jobs=2)
+    assert [o.status for o in again.outcomes] == ["cached"] * 4
+    forced = run_pipeline(settings, graph=_graph(), jobs=1, force=("left",))
+    assert [o.status for o in forced.outcomes] == ["cached", "done", "cached", "cached"]
+    left = storage.Artifact(out["left"]["left_out"]).read_json("who.json")
+    assert left["pid"] == os.getpid()  # jobs=1: everything in this process, one by one
+
+
+def test_a_failing_sibling_fails_the_pipeline_by_name_and_writes_nothing(home):
+    settings = load_config("tiny")
+    with pytest.raises(StageFailed) as err:
+        run_pipeline(settings, graph=_graph("right_fails"), jobs=2)
+    assert err.value.stage == "right"
+    assert "ValueError: right: row 3, field 'mask' is empty" in str(err.value)
+    out = {p.stage.name: p.outputs for p in plan(settings, _graph("right_fails"))}
+    assert storage.Artifact(out["left"]["left_out"]).exists()  # the sibling ran to the end and committed
+    assert not storage.Artifact(out["right"]["right_out"]).exists()
+    halves = list(home.rglob("half.json"))  # the failed stage's staged file was dropped, not left beside
+    assert len(halves) == 1 and "/left/" in str(halves[0]), halves
+    runs = _runs(_pipeline_id())
+    assert runs["right"].info.status == "FAILED" and runs["left"].info.status == "FINISHED"
+    assert "join" not in runs  # nothing after the failed group ran
+
+
+def _pipeline_id() -> str:
+    tracking.setup("onereward")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("onereward").experiment_id
+    return client.search_runs([exp], f"tags.`{tracking.KIND_TAG}` = 'pipeline'")[0].info.run_id
