@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE even if cached")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     r.add_argument("--jobs", type=int, metavar="N", help="stages that do not depend on each other (the two judges) "
-                   "run side by side, up to N at a time (default: the cores); 1 runs one stage at a time")
+                   "run side by side, up to N at a time (default: the cores; 1 with a GPU); 1: one at a time")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("stage", help="run one stage from input URIs to output URIs (container entrypoint)")

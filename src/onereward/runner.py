@@ -272,19 +272,20 @@ def run_pipeline(
     """Walk the graph in order; skip cached stages; stop at the first failure (raised as StageFailed).
 
     Stages that do not depend on each other (the two judges) run side by side in child processes, up to `jobs`
-    at a time (default: the cores, at least one each); `jobs=1` runs everything in this process, one by one."""
+    at a time (default: the cores, at least one each, or 1 on a machine with a GPU); `jobs=1` runs everything in
+    this process, one by one."""
     from onereward import machine
 
     if until is not None:
         graph.get(until)
     for f in force:
         graph.get(f)
-    steps = plan(settings, graph)
-    if until is not None:
-        steps = steps[: [p.stage.name for p in steps].index(until) + 1]
-    jobs = machine.cores() if jobs is None else jobs
+    planned = plan(settings, graph)
+    n, done = len(planned), 0
+    steps = planned[: graph.names.index(until) + 1] if until is not None else planned
+    if jobs is None:  # a GPU is one device the stages would share (two 7B judges need not fit it together)
+        jobs = machine.cores() if machine.facts()["machine.gpu"] == "none" else 1
     result = PipelineResult([])
-    n, done = len(plan(settings, graph)), 0
     with tracking.pipeline_run(settings.tracking.experiment, f"pipeline-{settings.profile}",
                                {"profile": settings.profile}) as run:
         result.run_id = run.info.run_id

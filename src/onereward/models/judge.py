@@ -303,9 +303,9 @@ class TinyJudge:
     def _answer_logits(self, tokens1: torch.Tensor, tokens2: torch.Tensor, q: Query) -> torch.Tensor:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        b, g = tokens1.shape[0], self.shape.grid
+        b = tokens1.shape[0]
         both = torch.stack([tokens1, tokens2], dim=1).flatten(0, 2)  # image 1, image 2 of row 0, then row 1...
-        grid = torch.tensor([[1, g, g]] * (2 * b), device=self.model.device)  # the images' rope positions
+        grid = self._vision_geometry(2 * b)[0]  # the images' rope positions in the language model
         out = self.model(**self._inputs(q.tasks, q.criteria, q.prompts), image_grid_thw=grid, logits_to_keep=1,
                          use_cache=False,
                          mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=(both,))})
