@@ -14,8 +14,9 @@ def source(ctx: StageContext) -> dict[str, float]:
 
 def _branch(ctx: StageContext, out: str, fail: bool = False) -> dict[str, float]:
     start = time.time()
-    time.sleep(2.0)  # long enough to overlap a sibling's start-up (imports, MLflow run) by a wide margin
-    ctx.outputs[out].write_json("half.json", {"written": "before the failure, if any"})
+    ctx.outputs[out].write_json("half.json", {"written": "before the failure or the stop, if any"})
+    # long enough to overlap a sibling's start-up (imports, MLflow run) by a wide margin
+    time.sleep(float(os.environ.get("SIDE_STAGE_SLEEP", "2.0")))
     if fail:
         raise ValueError(f"{ctx.stage}: row 3, field 'mask' is empty")
     ctx.outputs[out].write_json("who.json", {"pid": os.getpid(), "start": start, "end": time.time(),

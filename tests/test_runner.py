@@ -81,3 +81,31 @@ def _pipeline_id() -> str:
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("onereward").experiment_id
     return client.search_runs([exp], f"tags.`{tracking.KIND_TAG}` = 'pipeline'")[0].info.run_id
+
+
+def test_a_stopped_runner_stops_its_children_and_their_runs_end_killed(home):
+    """SIGTERM to the runner (Ctrl-C's sibling, what a scheduler sends) while two stages run side by side: both
+    children unwind, their MLflow runs end KILLED and nothing they staged stays behind."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("import signal, sys; from onereward.cli import exit_on_sigterm; "
+              "signal.signal(signal.SIGTERM, exit_on_sigterm); sys.path.insert(0, sys.argv[1]); "
+              "from test_runner import _graph; from onereward.config import load_config; "
+              "from onereward.runner import run_pipeline; run_pipeline(load_config('tiny'), graph=_graph(), jobs=2)")
+    tracking.setup("onereward")  # the store exists before three processes use it
+    proc = subprocess.Popen([sys.executable, "-c", script, os.path.dirname(__file__)],
+                            env={**os.environ, "SIDE_STAGE_SLEEP": "60"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, runs = time.time() + 120, {}
+    while time.time() < deadline and not {"left", "right"} <= set(runs):  # both children's runs are open
+        time.sleep(0.3)
+        runs = {r.info.run_name: r for r in mlflow.MlflowClient().search_runs(
+            [mlflow.get_experiment_by_name("onereward").experiment_id], "attributes.status = 'RUNNING'")}
+    assert {"left", "right"} <= set(runs), proc.stderr.read() if proc.poll() is not None else runs
+    proc.terminate()
+    assert proc.wait(60) != 0
+    client = mlflow.MlflowClient()
+    assert {client.get_run(runs[n].info.run_id).info.status for n in ("left", "right")} == {"KILLED"}
+    assert not list(home.rglob("half.json")) and not list(home.rglob(".staging-*"))

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
+def exit_on_sigterm(signum: int, frame: object) -> None:
     # Kubernetes and Airflow stop a task with SIGTERM: unwind normally, so staged outputs are dropped and
     # the MLflow runs end KILLED instead of staying RUNNING
     raise SystemExit(128 + signum)
@@ -235,7 +235,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -173,10 +173,13 @@ def run_child(spec_path: str) -> int:
     """A child process's side of run_side_by_side: one stage through execute_stage, its outcome (or its error's
     last line) written as JSON beside the spec. The traceback still goes to stderr, which the parent shows."""
     import json
+    import signal
     from pathlib import Path
 
+    from onereward.cli import exit_on_sigterm
     from onereward.config import settings_from_json
 
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # stopped by the runner: end the run KILLED, drop the staging
     spec = json.loads(Path(spec_path).read_text())
     result = Path(spec_path).with_suffix(".result.json")
     try:
@@ -240,8 +243,9 @@ def run_side_by_side(group: list[PlannedStage], settings: Settings, force: tuple
                 proc.wait()
             raise
         finally:
-            for t in relays:
+            for t, proc in zip(relays, procs, strict=False):
                 t.join(timeout=10)
+                proc.stdout.close()
         outcomes, failures = [], []
         for p, proc, spec in zip(group, procs, specs, strict=True):
             result = spec.with_suffix(".result.json")
