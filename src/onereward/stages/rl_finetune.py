@@ -480,7 +480,9 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
                                  "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
     out = ctx.outputs["policy"]
     for t, c in audit_rows.items():
-        pol, bas = rl_samples(policy, c, rc, s.seed + 7), rl_samples(base, c, rc, s.seed + 7)
+        bas = rl_samples(base, c, rc, s.seed + 7)
+        # a policy that kept step 0 holds the base's weights: from the same noise it samples the same images
+        pol = bas if prog.best_step == 0 else rl_samples(policy, c, rc, s.seed + 7)
         for prefix, x in (("", pol), ("base.", bas)):
             metrics.update({f"{prefix}heldout.{t}.{k}": v for k, v in ground_truth(x, c, t).items()})
         for name, j in (("audit", audit), ("reward", judge)):
