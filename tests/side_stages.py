@@ -14,6 +14,7 @@ def source(ctx: StageContext) -> dict[str, float]:
 
 def _branch(ctx: StageContext, out: str, fail: bool = False) -> dict[str, float]:
     start = time.time()
+    print(f"{ctx.stage}: started", flush=True)
     ctx.outputs[out].write_json("half.json", {"written": "before the failure or the stop, if any"})
     # long enough to overlap a sibling's start-up (imports, MLflow run) by a wide margin
     time.sleep(float(os.environ.get("SIDE_STAGE_SLEEP", "2.0")))

@@ -38,9 +38,11 @@ def test_the_plan_groups_only_stages_that_read_nothing_of_each_other():
     assert all(len(g) == 1 for g in side_by_side(plan(load_config("tiny"), GRAPH), jobs=1))
 
 
-def test_independent_stages_run_side_by_side_nested_under_the_pipeline_run(home):
+def test_independent_stages_run_side_by_side_nested_under_the_pipeline_run(home, capfd):
     settings = load_config("tiny")
     first = run_pipeline(settings, graph=_graph(), jobs=2)
+    shown = capfd.readouterr().err.splitlines()
+    assert "left  | started" in shown and "right | started" in shown  # prefixed by stage, the name shown once
     assert [(o.stage, o.status) for o in first.outcomes] == [(s, "done") for s in ("source", "left", "right",
                                                                                    "join")]
     out = {o.stage: o.outputs for o in first.outcomes}
@@ -90,7 +92,7 @@ def test_a_stopped_runner_stops_its_children_and_their_runs_end_killed(home):
     import sys
     import time
 
-    script = ("import signal, sys; from onereward.cli import exit_on_sigterm; "
+    script = ("import signal, sys; from onereward.signals import exit_on_sigterm; "
               "signal.signal(signal.SIGTERM, exit_on_sigterm); sys.path.insert(0, sys.argv[1]); "
               "from test_runner import _graph; from onereward.config import load_config; "
               "from onereward.runner import run_pipeline; run_pipeline(load_config('tiny'), graph=_graph(), jobs=2)")

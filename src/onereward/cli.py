@@ -12,6 +12,7 @@ import threading
 import time
 
 from onereward.config import ConfigError, load_config
+from onereward.signals import exit_on_sigterm
 
 
 def _pairs(values: list[list[str]], flag: str) -> dict[str, str]:
@@ -224,12 +225,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_graph)
     return p
-
-
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    # Kubernetes and Airflow stop a task with SIGTERM: unwind normally, so staged outputs are dropped and
-    # the MLflow runs end KILLED instead of staying RUNNING
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

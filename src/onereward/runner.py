@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,11 @@ def stage_key(stage: Stage, settings: Settings, input_keys: dict[str, str]) -> s
     return storage.artifact_key(stage.name, stage.version, params, input_keys)
 
 
+def outputs_current(outputs: Iterable[storage.Artifact], key: str) -> bool:
+    """Every output committed under this key: the stage has nothing to do."""
+    return all(a.exists() and a.key == key for a in outputs)
+
+
 def execute_stage(
     stage: Stage,
     settings: Settings,
@@ -68,7 +74,7 @@ def execute_stage(
             raise FileNotFoundError(f"stage {stage.name!r}: input {name!r} has no committed artifact at {art.uri}")
     key = stage_key(stage, settings, {k: a.key for k, a in in_arts.items()})
     out_arts = {k: storage.Artifact(u) for k, u in outputs.items()}
-    if not force and all(a.exists() and a.key == key for a in out_arts.values()):
+    if not force and outputs_current(out_arts.values(), key):
         return StageOutcome(stage.name, "cached", key, dict(outputs))
 
     for uri in outputs.values():
@@ -146,10 +152,7 @@ def side_by_side(steps: list[PlannedStage], jobs: int) -> list[list[PlannedStage
 
 def is_cached(p: PlannedStage, force: tuple[str, ...]) -> bool:
     """execute_stage's own test, asked before a child process is started for nothing."""
-    if p.stage.name in force:
-        return False
-    arts = [storage.Artifact(u) for u in p.outputs.values()]
-    return all(a.exists() and a.key == p.key for a in arts)
+    return p.stage.name not in force and outputs_current((storage.Artifact(u) for u in p.outputs.values()), p.key)
 
 
 class ChildStageError(RuntimeError):
@@ -176,8 +179,8 @@ def run_child(spec_path: str) -> int:
     import signal
     from pathlib import Path
 
-    from onereward.cli import exit_on_sigterm
     from onereward.config import settings_from_json
+    from onereward.signals import exit_on_sigterm
 
     signal.signal(signal.SIGTERM, exit_on_sigterm)  # stopped by the runner: end the run KILLED, drop the staging
     spec = json.loads(Path(spec_path).read_text())
@@ -215,8 +218,9 @@ def run_side_by_side(group: list[PlannedStage], settings: Settings, force: tuple
     width = max(len(p.stage.name) for p in group)
 
     def relay(name: str, stream: Any) -> None:
-        for line in stream:
-            console.out(f"{name:<{width}} | {line.rstrip()}", highlight=False)
+        for line in stream:  # a stage's own lines start with its name already: shown once
+            text = line.rstrip().removeprefix(f"{name}: ").removeprefix(f"{name} ")
+            console.out(f"{name:<{width}} | {text}", highlight=False)
 
     with tempfile.TemporaryDirectory(prefix="onereward-side-by-side-") as tmp:
         procs, relays, specs = [], [], []
