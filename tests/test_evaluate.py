@@ -112,7 +112,7 @@ def test_first_run_crowns_the_student_and_a_second_run_is_cached(crowned, regist
     assert open(promotion["report"]).read() == page  # the path it prints is the report's file
 
 
-def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, registry, tmp_path):
+def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, registry, tmp_path, capfd):
     import mlflow
 
     from onereward.models.generator import load_generator
@@ -135,6 +135,9 @@ def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, regist
             version = register_generator(w.dir / "model", NAME, "distilled-candidate", s.image_size,
                                          {"sample_steps": "4", "guidance": "1.0"})
         w.write_json("registry.json", {"name": NAME, "version": version, "alias": "distilled-candidate"})
+    said = capfd.readouterr()
+    assert f"degraded: registered {NAME} version {version} as @distilled-candidate" in said.out
+    assert "Created version" not in said.err and "input example" not in said.err  # MLflow's own lines, said once
 
     outputs = {"evaluation": str(tmp_path / "evaluation")}
     with pytest.raises(GatesRefused) as refused:

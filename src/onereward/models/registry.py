@@ -24,19 +24,40 @@ def example_input(image_size: int):
                          "mask": [base64.b64encode(to_png(mask)).decode()], "prompt": ["extend"], "task": ["extend"]})
 
 
+# What MLflow prints to stderr while it registers: said once, in the stage's own line, instead
+MLFLOW_REGISTRY_LINES = ("Successfully registered model", "Registered model", "Created version")
+
+
 def _log_and_register(code: Path, artifacts: dict[str, str], name: str, alias: str, signature,
                       tags: dict[str, str] | None) -> str:
+    import contextlib
+    import io
+    import sys
+    import warnings
+
     import mlflow
 
-    info = mlflow.pyfunc.log_model(
-        name=next(iter(artifacts)), python_model=str(code), artifacts=artifacts, signature=signature,
-        pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
-    )
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), warnings.catch_warnings():
+            # the signature is given; an input example would make MLflow load and run the model to check it
+            warnings.filterwarnings("ignore", message="An input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=next(iter(artifacts)), python_model=str(code), artifacts=artifacts, signature=signature,
+                pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
+            )
+    finally:
+        for line in said.getvalue().splitlines():
+            if not line.startswith(MLFLOW_REGISTRY_LINES):
+                print(line, file=sys.stderr)
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, alias, version)
     for k, v in (tags or {}).items():
         client.set_model_version_tag(name, version, k, v)
+    run = mlflow.active_run()
+    stage = f"{run.info.run_name}: " if run else ""
+    print(f"{stage}registered {name} version {version} as @{alias}", flush=True)
     return version
 
 
