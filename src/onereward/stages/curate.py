@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,28 +17,40 @@ from onereward import storage, tracking
 from onereward.config import FolderSource, ManifestSource, ProceduralSource, Settings
 from onereward.data import procedural, schema, validation
 from onereward.data.images import ImageRejected, center_square, decode_guarded, hamming, phash, to_png, try_from_png
+from onereward.data.parallel import ordered_map
 from onereward.stages import StageContext
 
-# (source, origin, encoded bytes or a decoded scene, error)
-Item = tuple[str, str, bytes | procedural.Scene | None, ImageRejected | None]
+# (source, origin, load): load() returns the encoded image or a drawn scene, or raises ImageRejected (a counted
+# drop). Loading is left to the workers (prepare), so reads and decodes of several images overlap.
+Item = tuple[str, str, Callable[[], bytes | procedural.Scene]]
 MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def _rejected(reason: str, detail: str) -> Callable[[], bytes]:
+    def load() -> bytes:
+        raise ImageRejected(reason, detail)
+
+    return load
+
+
+def _draw(seed: int, i: int, size: int, src: ProceduralSource) -> procedural.Scene:
+    return procedural.scene(np.random.default_rng([seed, i]), size, src.photos, src.clipart)
 
 
 def _procedural(src: ProceduralSource, s: Settings) -> Iterator[Item]:
     for i in range(src.count):
-        rng = np.random.default_rng([s.seed, i])
-        yield "procedural", f"scene:{i}", procedural.scene(rng, s.image_size, src.photos, src.clipart), None
+        yield "procedural", f"scene:{i}", partial(_draw, s.seed, i, s.image_size, src)
 
 
-def _read_guarded(uri: str, name: str) -> tuple[bytes | None, ImageRejected | None]:
+def _read_guarded(uri: str, name: str) -> bytes:
     """The bytes of one source image. A missing file is a counted drop; any other storage error (after
     the storage module's retries) fails the stage, because a flaky bucket is not bad data."""
     try:
         if storage.file_size(uri) > MAX_FILE_BYTES:
-            return None, ImageRejected("too_large", f"{name} is over {MAX_FILE_BYTES} bytes")
-        return storage.read_bytes(uri), None
+            raise ImageRejected("too_large", f"{name} is over {MAX_FILE_BYTES} bytes")
+        return storage.read_bytes(uri)
     except FileNotFoundError as e:
-        return None, ImageRejected("missing", f"{name}: {e}")
+        raise ImageRejected("missing", f"{name}: {e}") from None
 
 
 def _folder(src: FolderSource) -> Iterator[Item]:
@@ -46,10 +60,9 @@ def _folder(src: FolderSource) -> Iterator[Item]:
     real_root = root.resolve()
     for p in sorted(x for x in root.rglob("*") if x.is_file() and not x.name.startswith(".")):
         if not p.resolve().is_relative_to(real_root):  # a symlink pointing out of the source
-            yield "folder", str(p), None, ImageRejected("outside_source", f"{p} links outside {real_root}")
+            yield "folder", str(p), _rejected("outside_source", f"{p} links outside {real_root}")
             continue
-        data, err = _read_guarded(str(p), str(p))
-        yield "folder", str(p), data, err
+        yield "folder", str(p), partial(_read_guarded, str(p), str(p))
 
 
 def _manifest(src: ManifestSource) -> Iterator[Item]:
@@ -64,10 +77,9 @@ def _manifest(src: ManifestSource) -> Iterator[Item]:
                          f"file://, local paths): {rows}")
     for i, uri in enumerate(uris):
         if not uri:
-            yield "manifest", f"{src.uri}#row{i}", None, ImageRejected("empty_uri", f"row {i}: empty URI")
+            yield "manifest", f"{src.uri}#row{i}", _rejected("empty_uri", f"row {i}: empty URI")
             continue
-        data, err = _read_guarded(uri, f"{uri} (manifest row {i})")
-        yield "manifest", uri, data, err
+        yield "manifest", uri, partial(_read_guarded, uri, f"{uri} (manifest row {i})")
 
 
 def iter_sources(s: Settings) -> Iterator[Item]:
@@ -104,6 +116,41 @@ def source_count(s: Settings) -> int | None:
     return None
 
 
+@dataclass
+class Prepared:
+    """One source item made ready for the sequential part of curation (dedup, ids), or why it is dropped."""
+
+    source: str
+    origin: str
+    drop: tuple[str, str] | None = None  # (reason, detail)
+    png: bytes = b""
+    size: int = 0
+    phash: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def prepare(item: Item, s: Settings) -> Prepared:
+    """Load, decode, square and hash one item. Touches no shared state: runs on all cores (ordered_map)."""
+    source, origin, load = item
+    extra: dict = {"background": None, "object_mask": None, "object_label": None}
+    try:
+        payload = load()
+        if isinstance(payload, procedural.Scene):
+            arr = payload.image
+            extra = {"background": to_png(payload.background),
+                     "object_mask": to_png(payload.object_mask.astype(np.uint8) * 255),
+                     "object_label": payload.object_label}
+            origin = f"{origin}:{payload.recipe}"
+        else:
+            im = decode_guarded(payload, origin, min_side=s.curate.min_side, max_pixels=s.curate.max_pixels)
+            arr = np.asarray(center_square(im, s.image_size))
+    except ImageRejected as e:
+        return Prepared(source, origin, (e.reason, str(e)))
+    if float(arr.std()) < s.curate.min_std:
+        return Prepared(source, origin, ("near_constant", f"{origin}: pixel std {arr.std():.2f} < {s.curate.min_std}"))
+    return Prepared(source, origin, png=to_png(arr), size=arr.shape[0], phash=phash(arr), extra=extra)
+
+
 def curate(ctx: StageContext) -> dict[str, float]:
     s, c = ctx.settings, ctx.settings.curate
     out = ctx.outputs["curated"]
@@ -116,39 +163,19 @@ def curate(ctx: StageContext) -> dict[str, float]:
     def drop(origin: str, reason: str, detail: str) -> None:
         drops.append({"origin": origin, "reason": reason, "detail": detail})
 
-    for source, origin, payload, err in track(iter_sources(s), description="curate", total=source_count(s)):
+    items = ordered_map(partial(prepare, s=s), iter_sources(s))
+    for p in track(items, description="curate", total=source_count(s)):
         total += 1
-        if err is not None:
-            drop(origin, err.reason, str(err))
+        if p.drop is not None:
+            drop(p.origin, *p.drop)
             continue
-        extra: dict = {"background": None, "object_mask": None, "object_label": None}
-        try:
-            if isinstance(payload, procedural.Scene):
-                arr = payload.image
-                extra = {"background": to_png(payload.background),
-                         "object_mask": to_png(payload.object_mask.astype(np.uint8) * 255),
-                         "object_label": payload.object_label}
-                origin = f"{origin}:{payload.recipe}"
-            else:
-                assert payload is not None
-                im = decode_guarded(payload, origin, min_side=c.min_side, max_pixels=c.max_pixels)
-                arr = np.asarray(center_square(im, s.image_size))
-        except ImageRejected as e:
-            drop(origin, e.reason, str(e))
+        if p.phash in seen or (c.dedup_hamming and any(hamming(p.phash, o) <= c.dedup_hamming for o in hashes)):
+            drop(p.origin, "duplicate", f"{p.origin}: perceptual hash {p.phash:016x} seen before")
             continue
-        if float(arr.std()) < c.min_std:
-            drop(origin, "near_constant", f"{origin}: pixel std {arr.std():.2f} < {c.min_std}")
-            continue
-        h = phash(arr)
-        if h in seen or (c.dedup_hamming and any(hamming(h, o) <= c.dedup_hamming for o in hashes)):
-            drop(origin, "duplicate", f"{origin}: perceptual hash {h:016x} seen before")
-            continue
-        seen.add(h)
-        hashes.append(h)
-        png = to_png(arr)
-        rows.append({"image_id": hashlib.sha1(png).hexdigest()[:16], "source": source, "origin": origin,
-                     "width": arr.shape[1], "height": arr.shape[0], "image": png, "phash": f"{h:016x}",
-                     **extra})
+        seen.add(p.phash)
+        hashes.append(p.phash)
+        rows.append({"image_id": hashlib.sha1(p.png).hexdigest()[:16], "source": p.source, "origin": p.origin,
+                     "width": p.size, "height": p.size, "image": p.png, "phash": f"{p.phash:016x}", **p.extra})
 
     # Identical pixels from two origins share an image_id: keep the first.
     first = {}
