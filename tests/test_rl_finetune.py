@@ -96,12 +96,11 @@ def test_registers_the_policy_with_lineage_and_metrics(rl_home, tmp_path):
     assert any(f.endswith(".safetensors") for f in art.files("model/"))
     validation = art.read_json("validation.json")
     assert [e["step"] for e in validation["evals"]] == [2, 4, 6, 8]
-    # rl_finetune samples the audit rows once when the policy kept step 0: that policy must hold the base's weights
+    # a policy that kept step 0 holds exactly the base's weights (rl_finetune then samples the audit rows once)
     from onereward.models.generator import load_generator
-    from onereward.stages.evaluate import weights_digest
 
-    base = weights_digest(load_generator(storage.Artifact(step.inputs["base_model"]).local_dir() / "model"))
-    assert (weights_digest(load_generator(art.local_dir() / "model")) == base) == (m["best_step"] == 0), m["best_step"]
+    base = load_generator(storage.Artifact(step.inputs["base_model"]).local_dir() / "model").weights_digest()
+    assert (load_generator(art.local_dir() / "model").weights_digest() == base) == (m["best_step"] == 0), m["best_step"]
 
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("onereward-generator", "rl-candidate")

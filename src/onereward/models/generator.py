@@ -58,6 +58,18 @@ class MaskedFlowGenerator(ABC):
     @abstractmethod
     def trainable_modules(self) -> list[torch.nn.Module]: ...
 
+    def weights_digest(self) -> str:
+        """sha256 of the weights: two generators with one digest sample the same images from the same noise (an
+        RL policy that kept its base), so rl_finetune and evaluate sample them once."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in self.trainable_modules():
+            for name, v in m.state_dict().items():
+                h.update(name.encode())
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     @abstractmethod
     def save(self, path: str | Path) -> None: ...
 

@@ -21,7 +21,6 @@ the teacher's steps and CFG, the student and the champion with their registered 
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import time
 from dataclasses import dataclass
@@ -91,17 +90,6 @@ def judged(judge: TinyJudge, a: torch.Tensor, b: torch.Tensor, cond: Conditions,
     return {"win_rate": float(wins.mean()), "win_rate_low": low, "win_rate_high": high,
             "good": float((p > 0.5 + margin).float().mean()), "same": float(((p - 0.5).abs() <= margin).float().mean()),
             "bad": float((p < 0.5 - margin).float().mean()), "p_mean": float(p.mean())}
-
-
-def weights_digest(gen: MaskedFlowGenerator) -> str:
-    """sha256 of a generator's weights: an RL candidate that kept its base (tag improved=false) samples what the
-    base samples from the same noise, so evaluate samples it once."""
-    h = hashlib.sha256()
-    for m in gen.trainable_modules():
-        for name, v in m.state_dict().items():
-            h.update(name.encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def latency(c: Contender, cond: Conditions, n: int, budget_s: float = float("inf")) -> float:
@@ -246,7 +234,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {}
     gt: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in contenders}
     outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
-    digests = {id(c.gen): weights_digest(c.gen) for c in contenders}  # the student serves three contenders
+    digests = {id(c.gen): c.gen.weights_digest() for c in contenders}  # the student serves three contenders
     sampled: dict[tuple[str, int, float], str] = {}  # (weights, steps, guidance) -> who sampled them first
     for c in contenders:
         t0 = time.perf_counter()

@@ -479,10 +479,11 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {"early_stopped": float(prog.stopped_at is not None),
                                  "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
     out = ctx.outputs["policy"]
+    unchanged = policy.weights_digest() == base.weights_digest()
     for t, c in audit_rows.items():
         bas = rl_samples(base, c, rc, s.seed + 7)
-        # a policy that kept step 0 holds the base's weights: from the same noise it samples the same images
-        pol = bas if prog.best_step == 0 else rl_samples(policy, c, rc, s.seed + 7)
+        # a policy with the base's weights (it kept step 0) samples the same images from the same noise
+        pol = bas if unchanged else rl_samples(policy, c, rc, s.seed + 7)
         for prefix, x in (("", pol), ("base.", bas)):
             metrics.update({f"{prefix}heldout.{t}.{k}": v for k, v in ground_truth(x, c, t).items()})
         for name, j in (("audit", audit), ("reward", judge)):
@@ -506,5 +507,10 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "rl-candidate"})
     storage.delete_tree(ctx.scratch_uri)
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1), flush=True)
+    for t in audit_rows:  # the metrics in one line a task; all of them are on the MLflow run
+        p, b = metrics.__getitem__, f"base.heldout.{t}."
+        print(f"rl_finetune: {t} held out, policy vs base: measure {p(f'heldout.{t}.measure'):.4f} vs "
+              f"{p(b + 'measure'):.4f}, bg PSNR {p(f'heldout.{t}.bg_psnr'):.2f} vs {p(b + 'bg_psnr'):.2f} dB; "
+              f"audit win rate {p(f'audit.{t}.win_rate'):.2f} (low {p(f'audit.{t}.win_rate_low'):.2f}), "
+              f"judge {p(f'reward.{t}.win_rate'):.2f}", flush=True)
     return metrics | {"registered_version": float(version)}
