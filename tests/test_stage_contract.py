@@ -162,3 +162,15 @@ def test_planning_the_graph_imports_no_torch(tmp_path):
     env = {**os.environ, "ONEREWARD_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_stage_prints_its_metrics_a_few_to_a_line(capsys):
+    from onereward.stages import print_metrics
+
+    metrics = {f"heldout.acc_cand.{t}.criterion_{i}": i / 7 for t in ("fill", "extend", "text") for i in range(6)}
+    print_metrics("train_audit_reward", metrics)
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("train_audit_reward: ") and len(line) <= 120 for line in lines), lines
+    assert 1 < len(lines) < len(metrics)
+    shown = dict(pair.split("=") for line in lines for pair in line.removeprefix("train_audit_reward: ").split())
+    assert shown.keys() == metrics.keys() and float(shown["heldout.acc_cand.text.criterion_5"]) == round(5 / 7, 4)

@@ -59,3 +59,13 @@ class StageContext:
         """Where a stage keeps resumable state (checkpoints), keyed like its outputs."""
         first = next(iter(self.outputs.values()))
         return f"{first.uri}.scratch"
+
+
+def print_metrics(stage: str, metrics: dict[str, float], digits: int = 4) -> None:
+    """A stage's metrics, as many to a line as fit in 120 columns, each line led by the stage's name (a JSON
+    dump is one a line: 45 lines for a judge). All of them are on the stage's MLflow run too."""
+    import textwrap
+
+    pairs = " ".join(f"{k}={v:.{digits}g}" for k, v in metrics.items())
+    for line in textwrap.wrap(pairs, 120 - len(stage) - 2, break_long_words=False, break_on_hyphens=False):
+        print(f"{stage}: {line}", flush=True)

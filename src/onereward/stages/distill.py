@@ -20,7 +20,6 @@ to one input: the default trains the served 4 steps alone and reports the others
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ from onereward.config import DistillConfig
 from onereward.models import data as mdata
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
-from onereward.stages import StageContext
+from onereward.stages import StageContext, print_metrics
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.rl_finetune import Conditions, validation_rows
 
@@ -175,5 +174,5 @@ def distill(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "distilled-candidate", "sample_steps": dc.steps, "guidance": 1.0})
-    print(json.dumps({k: round(v, 5) for k, v in metrics.items()}, indent=1), flush=True)
+    print_metrics(ctx.stage, metrics)
     return metrics | {"registered_version": float(version)}

@@ -8,7 +8,6 @@ Training resumes from the last checkpoint (kept under the stage's scratch URI) w
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 
@@ -22,7 +21,7 @@ from onereward.config import TASKS, PretrainConfig, Settings
 from onereward.models import data as mdata
 from onereward.models.generator import MaskedFlowGenerator, TinyUNetGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
-from onereward.stages import GateFailed, StageContext
+from onereward.stages import GateFailed, StageContext, print_metrics
 
 
 def load_conditions(art: storage.Artifact, split: str) -> list[dict]:
@@ -194,5 +193,5 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "base"})
     storage.delete_tree(ctx.scratch_uri)  # checkpoints are only for resuming this very run
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=1))
+    print_metrics(ctx.stage, metrics)
     return {**metrics, "registered_version": float(version)}

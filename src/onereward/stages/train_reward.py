@@ -29,7 +29,6 @@ below either, or with no such held-out pairs for a gated task, is not registered
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter, defaultdict
 
@@ -43,7 +42,7 @@ from onereward.config import RewardConfig
 from onereward.models import data as mdata
 from onereward.models.judge import JudgeShape, Query, TinyJudge
 from onereward.models.registry import register_judge
-from onereward.stages import GateFailed, StageContext
+from onereward.stages import GateFailed, StageContext, print_metrics
 
 
 class JudgeGateFailed(GateFailed):
@@ -366,7 +365,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics |= warmup
-    print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1), flush=True)
+    print_metrics(ctx.stage, metrics)
     fig = calibration_plot(p_win)
     tracking.log_figure(fig, "calibration.png")
     check_gate(metrics, sorted(set(r.gate_tasks)), r.min_target_vs_base, r.min_base_vs_collapsed, stage)
