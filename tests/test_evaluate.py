@@ -112,7 +112,7 @@ def test_first_run_crowns_the_student_and_a_second_run_is_cached(crowned, regist
     assert open(promotion["report"]).read() == page  # the path it prints is the report's file
 
 
-def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, registry, tmp_path, capfd):
+def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, registry, tmp_path, capfd, recwarn):
     import mlflow
 
     from onereward.models.generator import load_generator
@@ -136,8 +136,10 @@ def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, regist
                                          {"sample_steps": "4", "guidance": "1.0"})
         w.write_json("registry.json", {"name": NAME, "version": version, "alias": "distilled-candidate"})
     said = capfd.readouterr()
-    assert f"degraded: registered {NAME} version {version} as @distilled-candidate" in said.out
+    assert f"degraded: registered {NAME} version {version}\n" in said.out
+    assert f"degraded: {NAME}@distilled-candidate -> version {version}\n" in said.out
     assert "Created version" not in said.err and "input example" not in said.err  # MLflow's own lines, said once
+    assert not [w for w in recwarn if "input example" in str(w.message)]  # pytest records warnings apart
 
     outputs = {"evaluation": str(tmp_path / "evaluation")}
     with pytest.raises(GatesRefused) as refused:

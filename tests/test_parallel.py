@@ -35,10 +35,14 @@ def test_items_are_taken_only_a_few_ahead_of_the_consumer():
     results.close()
 
 
-def test_an_error_is_raised_at_its_item_after_the_results_before_it():
+def test_an_error_is_raised_at_its_item_and_cancels_the_queued_ones():
+    ran = []
+
     def fails_at_7(i: int) -> int:
+        ran.append(i)
         if i == 7:
             raise ValueError("row 7: not an image")
+        time.sleep(0.05)  # the queue fills up while the items run
         return i
 
     seen = []
@@ -46,3 +50,4 @@ def test_an_error_is_raised_at_its_item_after_the_results_before_it():
         for r in ordered_map(fails_at_7, range(100), workers=2):
             seen.append(r)
     assert seen == list(range(7))
+    assert len(ran) < 7 + AHEAD * 2  # what was queued behind the error never ran

@@ -10,6 +10,7 @@ between pixels and its working space (identity for the tiny model, the VAE laten
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -61,13 +62,11 @@ class MaskedFlowGenerator(ABC):
     def weights_digest(self) -> str:
         """sha256 of the weights: two generators with one digest sample the same images from the same noise (an
         RL policy that kept its base), so rl_finetune and evaluate sample them once."""
-        import hashlib
-
         h = hashlib.sha256()
         for m in self.trainable_modules():
             for name, v in m.state_dict().items():
-                h.update(name.encode())
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
+                h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     @abstractmethod

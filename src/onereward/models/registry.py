@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
+import sys
+import warnings
 from pathlib import Path
+from typing import TextIO
 
 from onereward.data.images import to_png
 
@@ -28,36 +33,52 @@ def example_input(image_size: int):
 MLFLOW_REGISTRY_LINES = ("Successfully registered model", "Registered model", "Created version")
 
 
+class _WithoutLines(io.TextIOBase):
+    """A text stream passing each complete line on to `to` as it is written, less those starting with
+    `prefixes`: nothing else is held back, so a hang or a kill loses no line."""
+
+    def __init__(self, to: TextIO, prefixes: tuple[str, ...]):
+        self.to, self.prefixes, self.partial = to, prefixes, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if not line.startswith(self.prefixes):
+                self.to.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.partial and not self.partial.startswith(self.prefixes):
+            self.to.write(self.partial)
+        self.partial = ""
+        self.to.flush()
+
+
 def _log_and_register(code: Path, artifacts: dict[str, str], name: str, alias: str, signature,
                       tags: dict[str, str] | None) -> str:
-    import contextlib
-    import io
-    import sys
-    import warnings
-
     import mlflow
 
-    said = io.StringIO()
+    quiet = _WithoutLines(sys.stderr, MLFLOW_REGISTRY_LINES)
     try:
-        with contextlib.redirect_stderr(said), warnings.catch_warnings():
-            # the signature is given; an input example would make MLflow load and run the model to check it
-            warnings.filterwarnings("ignore", message="An input example was not provided")
+        with contextlib.redirect_stderr(quiet), warnings.catch_warnings():
+            # the signature is given; an input example would make MLflow load and run the model to check it.
+            # MLflow colours the message: it does not start with its first word
+            warnings.filterwarnings("ignore", message=r".*An input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name=next(iter(artifacts)), python_model=str(code), artifacts=artifacts, signature=signature,
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=name,
             )
     finally:
-        for line in said.getvalue().splitlines():
-            if not line.startswith(MLFLOW_REGISTRY_LINES):
-                print(line, file=sys.stderr)
+        quiet.flush()
     version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, alias, version)
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, version, k, v)
     run = mlflow.active_run()
     stage = f"{run.info.run_name}: " if run else ""
-    print(f"{stage}registered {name} version {version} as @{alias}", flush=True)
+    print(f"{stage}registered {name} version {version}", flush=True)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, alias, version)
+    print(f"{stage}{name}@{alias} -> version {version}", flush=True)
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, version, k, v)
     return version
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,8 @@ class StageContext:
 
 
 def print_metrics(stage: str, metrics: dict[str, float], digits: int = 4) -> None:
-    """A stage's metrics, as many to a line as fit in 120 columns, each line led by the stage's name (a JSON
-    dump is one a line: 45 lines for a judge). All of them are on the stage's MLflow run too."""
-    import textwrap
-
-    pairs = " ".join(f"{k}={v:.{digits}g}" for k, v in metrics.items())
+    """A stage's metrics, as many to a line as fit in 120 columns, each line led by the stage's name. All of
+    them are on the stage's MLflow run too."""
+    pairs = " ".join(f"{k}={int(v) if float(v).is_integer() else f'{v:.{digits}g}'}" for k, v in metrics.items())
     for line in textwrap.wrap(pairs, 120 - len(stage) - 2, break_long_words=False, break_on_hyphens=False):
         print(f"{stage}: {line}", flush=True)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -26,8 +28,8 @@ Item = tuple[str, str, Callable[[], bytes | procedural.Scene]]
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
-def _rejected(reason: str, detail: str) -> Callable[[], bytes]:
-    def load() -> bytes:
+def _rejected(reason: str, detail: str) -> Callable[[], NoReturn]:
+    def load() -> NoReturn:
         raise ImageRejected(reason, detail)
 
     return load
@@ -38,6 +40,11 @@ def _draw(seed: int, i: int, size: int, src: ProceduralSource) -> procedural.Sce
 
 
 def _procedural(src: ProceduralSource, s: Settings) -> Iterator[Item]:
+    # the scenes' cached assets are loaded here, once, before the workers draw from them
+    if src.photos:
+        procedural.photo_names()
+    if src.clipart:
+        procedural.clipart_files()
     for i in range(src.count):
         yield "procedural", f"scene:{i}", partial(_draw, s.seed, i, s.image_size, src)
 
@@ -124,13 +131,14 @@ class Prepared:
     origin: str
     drop: tuple[str, str] | None = None  # (reason, detail)
     png: bytes = b""
-    size: int = 0
+    shape: tuple[int, ...] = ()
     phash: int = 0
     extra: dict = field(default_factory=dict)
 
 
 def prepare(item: Item, s: Settings) -> Prepared:
-    """Load, decode, square and hash one item. Touches no shared state: runs on all cores (ordered_map)."""
+    """Load, decode, square, hash and encode one item (duplicates too: they are found after). Writes no shared
+    state and reads only caches loaded before (iter_sources): runs on several cores (ordered_map)."""
     source, origin, load = item
     extra: dict = {"background": None, "object_mask": None, "object_label": None}
     try:
@@ -148,7 +156,7 @@ def prepare(item: Item, s: Settings) -> Prepared:
         return Prepared(source, origin, (e.reason, str(e)))
     if float(arr.std()) < s.curate.min_std:
         return Prepared(source, origin, ("near_constant", f"{origin}: pixel std {arr.std():.2f} < {s.curate.min_std}"))
-    return Prepared(source, origin, png=to_png(arr), size=arr.shape[0], phash=phash(arr), extra=extra)
+    return Prepared(source, origin, png=to_png(arr), shape=arr.shape, phash=phash(arr), extra=extra)
 
 
 def curate(ctx: StageContext) -> dict[str, float]:
@@ -163,19 +171,20 @@ def curate(ctx: StageContext) -> dict[str, float]:
     def drop(origin: str, reason: str, detail: str) -> None:
         drops.append({"origin": origin, "reason": reason, "detail": detail})
 
-    items = ordered_map(partial(prepare, s=s), iter_sources(s))
-    for p in track(items, description="curate", total=source_count(s)):
-        total += 1
-        if p.drop is not None:
-            drop(p.origin, *p.drop)
-            continue
-        if p.phash in seen or (c.dedup_hamming and any(hamming(p.phash, o) <= c.dedup_hamming for o in hashes)):
-            drop(p.origin, "duplicate", f"{p.origin}: perceptual hash {p.phash:016x} seen before")
-            continue
-        seen.add(p.phash)
-        hashes.append(p.phash)
-        rows.append({"image_id": hashlib.sha1(p.png).hexdigest()[:16], "source": p.source, "origin": p.origin,
-                     "width": p.size, "height": p.size, "image": p.png, "phash": f"{p.phash:016x}", **p.extra})
+    with contextlib.closing(ordered_map(partial(prepare, s=s), iter_sources(s))) as items:
+        for p in track(items, description="curate", total=source_count(s)):
+            total += 1
+            if p.drop is not None:
+                drop(p.origin, *p.drop)
+                continue
+            if p.phash in seen or (c.dedup_hamming and any(hamming(p.phash, o) <= c.dedup_hamming for o in hashes)):
+                drop(p.origin, "duplicate", f"{p.origin}: perceptual hash {p.phash:016x} seen before")
+                continue
+            seen.add(p.phash)
+            hashes.append(p.phash)
+            rows.append({"image_id": hashlib.sha1(p.png).hexdigest()[:16], "source": p.source, "origin": p.origin,
+                         "width": p.shape[1], "height": p.shape[0], "image": p.png, "phash": f"{p.phash:016x}",
+                         **p.extra})
 
     # Identical pixels from two origins share an image_id: keep the first.
     first = {}

@@ -63,6 +63,15 @@ def residue(x: torch.Tensor, g: Ground) -> torch.Tensor:
     return (left / (obj**2).sum().clamp_min(1e-6)).clamp_min(0)
 
 
+def task_summary(metrics: dict[str, float], t: str) -> str:
+    """One task's held-out numbers, policy vs base, in a line (all of them are on the MLflow run)."""
+    pol, base = f"heldout.{t}.", f"base.heldout.{t}."
+    return (f"{t} held out, policy vs base: measure {metrics[pol + 'measure']:.4f} vs {metrics[base + 'measure']:.4f}, "
+            f"bg PSNR {metrics[pol + 'bg_psnr']:.2f} vs {metrics[base + 'bg_psnr']:.2f} dB; audit win rate "
+            f"{metrics[f'audit.{t}.win_rate']:.2f} (low {metrics[f'audit.{t}.win_rate_low']:.2f}), "
+            f"judge {metrics[f'reward.{t}.win_rate']:.2f}")
+
+
 def task_measure(task: str, images: torch.Tensor, rows: list[dict]) -> torch.Tensor:
     fn = residue if TASK_MEASURE[task] == "residue" else MEASURES[TASK_MEASURE[task]]
     return torch.cat([fn(images[i : i + 1], Ground.of(r)) for i, r in enumerate(rows)])
@@ -507,10 +516,6 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "rl-candidate"})
     storage.delete_tree(ctx.scratch_uri)
-    for t in audit_rows:  # the metrics in one line a task; all of them are on the MLflow run
-        p, b = metrics.__getitem__, f"base.heldout.{t}."
-        print(f"rl_finetune: {t} held out, policy vs base: measure {p(f'heldout.{t}.measure'):.4f} vs "
-              f"{p(b + 'measure'):.4f}, bg PSNR {p(f'heldout.{t}.bg_psnr'):.2f} vs {p(b + 'bg_psnr'):.2f} dB; "
-              f"audit win rate {p(f'audit.{t}.win_rate'):.2f} (low {p(f'audit.{t}.win_rate_low'):.2f}), "
-              f"judge {p(f'reward.{t}.win_rate'):.2f}", flush=True)
+    for t in audit_rows:
+        print(f"rl_finetune: {task_summary(metrics, t)}", flush=True)
     return metrics | {"registered_version": float(version)}
