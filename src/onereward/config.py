@@ -184,6 +184,7 @@ class RewardConfig(Strict):
     vision_warmup_steps: int = Field(0, ge=0)  # Bradley-Terry steps on the vision tower first (train_reward)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
     eval_every: int = Field(250, ge=1)
+    checkpoint_every: int = Field(250, ge=1)  # steps (warm-up and pairwise counted together); a killed run resumes
     # held-out pairs scored for the accuracy curve every `eval_every` steps (every k-th pair, so all kinds and
     # cells stay in); the final metrics and the gate read all held-out pairs
     curve_pairs: int = Field(600, ge=1)

@@ -22,6 +22,7 @@ from onereward.models import data as mdata
 from onereward.models.generator import MaskedFlowGenerator, TinyUNetGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext, print_metrics
+from onereward.stages.checkpoint import Checkpoints
 
 
 def load_conditions(art: storage.Artifact, split: str) -> list[dict]:
@@ -79,26 +80,6 @@ def check_gate(metrics: dict[str, float], tasks: list[str]) -> None:
                              "train longer or relax the gate. " + "; ".join(failed), metrics)
 
 
-def _save_checkpoint(uri: str, gen, opt, step: int, rng: torch.Generator) -> None:
-    with storage.writing(uri, key=f"step-{step}", meta={"step": step}) as w:
-        gen.save(w.dir / "model")
-        torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path("state.pt"))
-
-
-def _load_checkpoint(uri: str, lr: float):
-    art = storage.Artifact(uri)
-    if not art.exists():
-        return None
-    local = art.local_dir()
-    gen = load_generator(local / "model")
-    opt = torch.optim.AdamW(list(gen.parameters()), lr=lr, fused=True)
-    state = torch.load(local / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    rng = torch.Generator()
-    rng.set_state(state["rng"])
-    return gen, opt, rng, int(state["step"])
-
-
 def train_step(gen: MaskedFlowGenerator, opt: torch.optim.Optimizer, data: dict, rng: torch.Generator,
                p: PretrainConfig) -> torch.Tensor:
     """One optimiser step on a random batch of `data` (also what benchmarks/bench_train.py measures)."""
@@ -118,16 +99,15 @@ def train_step(gen: MaskedFlowGenerator, opt: torch.optim.Optimizer, data: dict,
 def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
     s: Settings = ctx.settings
     p = s.pretrain
-    ckpt_uri = storage.join(ctx.scratch_uri, "checkpoint")
-    resumed = _load_checkpoint(ckpt_uri, p.lr)
-    if resumed:
-        gen, opt, rng, start = resumed
-        print(f"pretrain_base: resuming from checkpoint at step {start} ({ckpt_uri})")
-    else:
-        gen = TinyUNetGenerator.build(s.generator, all_prompts, s.image_size, s.seed)
-        opt = torch.optim.AdamW(list(gen.parameters()), lr=p.lr, fused=True)
-        rng, start = torch.Generator().manual_seed(s.seed), 0
-    tracking.log_metrics({"resumed_from_step": start})
+    ckpts = Checkpoints(ctx.scratch_uri, p.checkpoint_every, ctx.stage)
+    ck = ckpts.resume()
+    gen = load_generator(ck.folder("model")) if ck else TinyUNetGenerator.build(s.generator, all_prompts,
+                                                                                 s.image_size, s.seed)
+    opt = torch.optim.AdamW(list(gen.parameters()), lr=p.lr, fused=True)
+    rng, start = torch.Generator().manual_seed(s.seed), 0
+    if ck:
+        ck.restore(opt, rng)
+        start = ck.step
     sched = torch.optim.lr_scheduler.LambdaLR(
         # math, not numpy: the lr lands in the optimizer state, which torch.load(weights_only=True) reads back
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min((i + start) / p.steps, 1.0))))
@@ -144,8 +124,8 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
                 print(f"pretrain_base: step {step}/{p.steps} loss {loss.item():.4f}", flush=True)
             if step % 10 == 0 or step == p.steps - 1:
                 tracking.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
-            if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
-                _save_checkpoint(ckpt_uri, gen, opt, step + 1, rng)
+            if ckpts.due(step + 1, p.steps):
+                ckpts.save(step + 1, opt, rng, folders={"model": gen.save})
     tracking.log_metrics({"train_seconds": time.perf_counter() - t0,
                           "seconds_per_step": (time.perf_counter() - t0) / max(p.steps - start, 1)})
     return gen

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from rich.progress import Progress
-from safetensors.torch import load_file, save_file
 
 from onereward import storage, tracking
 from onereward.config import TASKS, RLConfig
@@ -43,6 +42,7 @@ from onereward.models.generator import MaskedFlowGenerator, autocast, load_gener
 from onereward.models.judge import Query, TinyJudge
 from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext
+from onereward.stages.checkpoint import Checkpoints
 from onereward.stages.label_preferences import MEASURES, Ground
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.train_reward import square_symmetry
@@ -222,28 +222,6 @@ class RunState:
     reason: str = ""
 
 
-def _save_checkpoint(uri: str, policy, ema, best: dict, opt, rng: torch.Generator, step: int, prog: RunState
-                     ) -> None:
-    with storage.writing(uri, key=f"step-{step}", meta={"step": step}) as w:
-        policy.save(w.dir / "policy")
-        if ema is not None:
-            save_file(trainable_state(ema), str(w.path("ema.safetensors")))
-        save_file(best, str(w.path("best.safetensors")))
-        torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path("state.pt"))
-        w.write_json("progress.json", prog.__dict__)
-
-
-def _load_checkpoint(uri: str):
-    art = storage.Artifact(uri)
-    if not art.exists():
-        return None
-    local = art.local_dir()
-    state = torch.load(local / "state.pt", weights_only=True)
-    ema = load_file(str(local / "ema.safetensors")) if (local / "ema.safetensors").exists() else None
-    return (load_generator(local / "policy"), ema, load_file(str(local / "best.safetensors")), state,
-            RunState(**json.loads((local / "progress.json").read_text())))
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def sample_rows(gen: MaskedFlowGenerator, c: Conditions, steps: int, guidance: float, seeds: list[int]
                 ) -> torch.Tensor:
@@ -362,25 +340,20 @@ def train(ctx: StageContext, base_dir, base: MaskedFlowGenerator, train_c: Condi
     s = ctx.settings
     rc = s.rl
     criteria = _criteria(s)
-    ckpt_uri = storage.join(ctx.scratch_uri, "checkpoint")
-    resumed = _load_checkpoint(ckpt_uri)
-    if resumed:
-        policy, ema_state, best, state, prog = resumed
-        start = int(state["step"])
-        print(f"rl_finetune: resuming from checkpoint at step {start} ({ckpt_uri})", flush=True)
-    else:
-        policy, ema_state, best, state, prog, start = load_generator(base_dir), None, None, None, RunState(), 0
-        best = trainable_state(policy)
+    ckpts = Checkpoints(ctx.scratch_uri, rc.checkpoint_every, ctx.stage)
+    ck = ckpts.resume()
+    policy = load_generator(ck.folder("policy") if ck else base_dir)
+    best = ck.tensors("best") if ck else trainable_state(policy)
+    prog = RunState(**ck.progress) if ck else RunState()
     # the reference: the frozen base itself, or (ema) a copy of it moved towards the policy after each step
     reference = load_generator(base_dir) if rc.reference == "ema" else base
-    if ema_state is not None:
+    if ck and (ema_state := ck.tensors("ema")) is not None:
         load_trainable_state(reference, ema_state)
     opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0, fused=True)
-    rng = torch.Generator().manual_seed(s.seed)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        rng.set_state(state["rng"])
-    tracking.log_metrics({"resumed_from_step": start})
+    rng, start = torch.Generator().manual_seed(s.seed), 0
+    if ck:
+        ck.restore(opt, rng)
+        start = ck.step
     window: dict[str, list[float]] = defaultdict(list)
     since_eval: list[float] = []
     t0 = time.perf_counter()
@@ -411,9 +384,10 @@ def train(ctx: StageContext, base_dir, base: MaskedFlowGenerator, train_c: Condi
                 since_eval.clear()
                 if prog.best_step == step:
                     best = trainable_state(policy)
-            if step % rc.checkpoint_every == 0 and step < rc.steps and prog.stopped_at is None:
-                ema = reference if rc.reference == "ema" else None
-                _save_checkpoint(ckpt_uri, policy, ema, best, opt, rng, step, prog)
+            if ckpts.due(step, rc.steps) and prog.stopped_at is None:
+                ema = {"ema": trainable_state(reference)} if rc.reference == "ema" else {}
+                ckpts.save(step, opt, rng, folders={"policy": policy.save}, tensors={"best": best, **ema},
+                           progress=prog.__dict__)
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"train_seconds": seconds, "seconds_per_step": seconds / max(step - start, 1)})
     load_trainable_state(policy, best)

@@ -37,12 +37,13 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from onereward import tracking
+from onereward import storage, tracking
 from onereward.config import RewardConfig
 from onereward.models import data as mdata
 from onereward.models.judge import JudgeShape, Query, TinyJudge
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
+from onereward.stages.checkpoint import Checkpoint, Checkpoints
 
 
 class JudgeGateFailed(GateFailed):
@@ -261,27 +262,35 @@ def vision_accuracy(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, 
 
 
 def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, label: str,
-                   held: tuple[list[dict], dict] | None = None) -> dict[str, float]:
+                   held: tuple[list[dict], dict] | None = None, ckpts: Checkpoints | None = None,
+                   ck: Checkpoint | None = None) -> dict[str, float]:
     """Bradley-Terry on the vision tower alone before the pairwise query is trained: a linear score per
     (task, criterion) over each image's pooled features, pushed winner above loser; the score head is then
     dropped. Trained alone, the pairwise query sat at ln 2 for 1,000+ steps on candidate pairs (the answer token
     must find the comparison through the language model before any image feature gets a useful gradient); from
     a vision tower that already tells the images apart it learns in a few hundred steps. Returns
     `warmup.bt_loss`, the mean Bradley-Terry loss of the last tenth of the steps, and with `held` (held-out rows
-    and their pair_tensors) the vision_accuracy metrics; {} without a warm-up."""
+    and their pair_tensors) the vision_accuracy metrics; {} without a warm-up. With `ckpts` it saves a checkpoint
+    every `reward.checkpoint_every` steps, and goes on from `ck`, one saved during the warm-up."""
     if r.vision_warmup_steps == 0:
         return {}
     q = train["query"]
     keys = sorted(set(zip(q.tasks, q.criteria, strict=True)))
     rng = torch.Generator().manual_seed(seed)
     head = (torch.randn(len(keys), judge.shape.text_hidden, generator=rng) / judge.shape.text_hidden**0.5)
+    if ck:
+        head = ck.tensors("warmup")["head"]
     head.requires_grad_(True)
     params = [*judge.model.model.visual.parameters(), head]
     opt = torch.optim.AdamW(params, lr=r.lr, fused=True)
     losses: list[float] = []
+    start = 0
+    if ck:
+        ck.restore(opt, rng)
+        losses, start = ck.progress["losses"], ck.step
     with Progress(transient=False) as bar:
-        task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps)
-        for step in range(r.vision_warmup_steps):
+        task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps, completed=start)
+        for step in range(start, r.vision_warmup_steps):
             judge.model.train()
             win, lose = _scores(judge, head, keys, *draw_batch(train, r, rng))
             loss = F.softplus(lose - win).mean()
@@ -293,6 +302,9 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
             losses.append(loss.item())
             if step % 10 == 0:
                 tracking.log_metrics({"warmup_loss": loss.item()}, step=step)
+            if ckpts and ckpts.due(step + 1, r.vision_warmup_steps + r.steps):
+                ckpts.save(step + 1, opt, rng, folders={"judge": judge.save}, tensors={"warmup": {"head": head}},
+                           progress={"phase": "warmup", "losses": losses})
     metrics = {"warmup.bt_loss": float(np.mean(losses[-max(1, len(losses) // 10):]))}
     if held is not None:
         metrics |= vision_accuracy(judge, head.detach(), keys, *held)
@@ -303,17 +315,24 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
 
 
 def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
-              label: str) -> None:
-    """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps."""
+              label: str, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
+              warmup: dict[str, float] | None = None) -> None:
+    """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps. With
+    `ckpts` it saves a checkpoint (with the warm-up's metrics) every `reward.checkpoint_every` steps, counted after
+    the warm-up's, and goes on from `ck`, one saved after the warm-up."""
     opt = torch.optim.AdamW(judge.parameters(), lr=r.lr, fused=True)
     rng = torch.Generator().manual_seed(seed)
+    offset, start = r.vision_warmup_steps, 0
+    if ck:
+        ck.restore(opt, rng)
+        start = ck.step - offset
     # the curve on every k-th held-out pair: all 3,600 on `tiny` are ~15 s a point (estimated from the scoring rate)
     every = max(1, -(-len(held) // r.curve_pairs))
     curve_rows = held[::every]
     curve_pairs = {k: v[::every] for k, v in held_pairs.items()}
     with Progress(transient=False) as bar:
-        task = bar.add_task(label, total=r.steps)
-        for step in range(r.steps):
+        task = bar.add_task(label, total=r.steps, completed=start)
+        for step in range(start, r.steps):
             judge.model.train()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r)
@@ -333,6 +352,9 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict,
                       f"{m['heldout.acc.mean']:.3f} of {len(curve_rows)} pairs "
                       f"(candidate pairs {m.get('heldout.acc_cand.mean', 0):.3f})",
                       flush=True)
+            if ckpts and ckpts.due(offset + step + 1, offset + r.steps):
+                ckpts.save(offset + step + 1, opt, rng, folders={"judge": judge.save},
+                           progress={"phase": "fit", "warmup": warmup or {}})
 
 
 def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
@@ -351,16 +373,22 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     if not held or not train:
         raise ValueError(f"{stage}: {len(train)} training and {len(held)} held-out pairs; both must be > 0")
     cells = sorted({(x["task"], x["criterion"]) for x in rows})
-    judge = TinyJudge.build(cells, sorted({p for p, _ in context.values()}), JudgeShape(arch=spec.arch),
-                            seed=s.seed)
+    ckpts = Checkpoints(ctx.scratch_uri, r.checkpoint_every, stage)
+    ck = ckpts.resume()
+    judge = TinyJudge.load(ck.folder("judge")) if ck else TinyJudge.build(
+        cells, sorted({p for p, _ in context.values()}), JudgeShape(arch=spec.arch), seed=s.seed)
     print(f"{stage}: {spec.arch}, {len(train)} training pairs, {len(held)} held out "
           f"(split {spec.split_seed}), {len(cells)} cells, {r.vision_warmup_steps} vision warm-up steps, then "
           f"{r.steps} steps of {r.batch_size} pairs (both orders)",
           flush=True)
     t0 = time.perf_counter()
     train_pairs, held_pairs = training_pairs(train, context, r), pair_tensors(held, context)
-    warmup = warm_up_vision(judge, train_pairs, r, s.seed, stage, (held, held_pairs))
-    fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage)
+    in_warmup = ck is not None and ck.progress["phase"] == "warmup"
+    if ck and not in_warmup:
+        warmup = ck.progress["warmup"]
+    else:
+        warmup = warm_up_vision(judge, train_pairs, r, s.seed, stage, (held, held_pairs), ckpts, ck)
+    fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage, ckpts, None if in_warmup else ck, warmup)
     metrics, p_win = evaluate_judge(judge, held, held_pairs)
     metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
@@ -377,6 +405,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     version = register_judge(out.dir / "judge", spec.model_name, alias, judge.shape.image_size,
                              {"artifact_key": ctx.key, "arch": spec.arch, "split_seed": str(spec.split_seed)})
     out.write_json("registry.json", {"name": spec.model_name, "version": version, "alias": alias})
+    storage.delete_tree(ctx.scratch_uri)  # the checkpoint only resumes this very run
     prefix = "" if role == "judge" else "audit."
     return {f"{prefix}{k}": v for k, v in metrics.items()} | {"registered_version": float(version)}
 

@@ -1,0 +1,82 @@
+"""Resumable training state, shared by the training loops (pretrain_base, train_reward, rl_finetune).
+
+One artifact under the stage's scratch URI, replaced atomically at each save, so a kill during a save leaves
+the previous checkpoint whole. Weights are safetensors (a model's own `save()` folders, or flat tensor files);
+the optimizer and the RNG go through `torch.save` and are read back with `weights_only=True`; the loop's own
+progress (validation history, phase, losses) is JSON. A finished stage deletes its scratch URI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from onereward import storage, tracking
+
+STATE = "state.pt"
+PROGRESS = "progress.json"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    local: Path  # the checkpoint's files on this machine
+    progress: dict[str, Any]
+    _state: dict[str, Any]
+
+    def folder(self, name: str) -> Path:
+        """A model folder saved with `folders={name: model.save}`."""
+        return self.local / name
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A flat tensor file saved with `tensors={name: ...}`; None when that save had none."""
+        path = self.local / f"{name}.safetensors"
+        return load_file(str(path)) if path.exists() else None
+
+    def restore(self, opt: torch.optim.Optimizer, rng: torch.Generator) -> None:
+        opt.load_state_dict(self._state["optimizer"])
+        rng.set_state(self._state["rng"])
+
+
+class Checkpoints:
+    """Where one stage run keeps its checkpoint, and how often it saves one."""
+
+    def __init__(self, scratch_uri: str, every: int, stage: str):
+        self.uri = storage.join(scratch_uri, "checkpoint")
+        self.every, self.stage = every, stage
+
+    def due(self, step: int, total: int) -> bool:
+        """After optimizer step `step` of `total`: the last step saves nothing (the stage's output follows)."""
+        return step % self.every == 0 and step < total
+
+    def save(self, step: int, opt: torch.optim.Optimizer, rng: torch.Generator, *,
+             folders: dict[str, Callable[[Path], None]] | None = None,
+             tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+             progress: dict[str, Any] | None = None) -> None:
+        with storage.writing(self.uri, key=f"step-{step}", meta={"step": step}) as w:
+            for name, save in (folders or {}).items():
+                save(w.dir / name)
+            for name, state in (tensors or {}).items():
+                save_file({k: v.detach().contiguous() for k, v in state.items()}, str(w.path(f"{name}.safetensors")))
+            torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path(STATE))
+            w.write_json(PROGRESS, progress or {})
+
+    def resume(self) -> Checkpoint | None:
+        """The checkpoint a killed run of this stage left, if any (said on the stage's output and logged as
+        `resumed_from_step`)."""
+        art = storage.Artifact(self.uri)
+        found = art.exists()
+        ck = None
+        if found:
+            local = art.local_dir()
+            state = torch.load(local / STATE, weights_only=True)
+            ck = Checkpoint(int(state["step"]), local, json.loads((local / PROGRESS).read_text()), state)
+            print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
+        tracking.log_metrics({"resumed_from_step": ck.step if ck else 0})
+        return ck
