@@ -231,8 +231,8 @@ def test_dag_test_runs_every_stage(airflow_db, home, monkeypatch):
 
 
 def test_graph_is_the_single_source(tmp_path, monkeypatch):
-    extra = Stage("audit_candidates", PENDING, ("candidates",),
-                  (Output("audit", "Metrics"),), ("seed",), Resources(gpu=1))
+    extra = Stage(name="audit_candidates", func=PENDING, inputs=("candidates",),
+                  outputs=(Output("audit", "Metrics"),), params=("seed",), resources=Resources(gpu=1))
     graph = GRAPH.with_stage(extra)
     spec, platform = _compile(tmp_path, graph)
     assert "audit-candidates" in spec["root"]["dag"]["tasks"]

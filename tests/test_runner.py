@@ -14,10 +14,12 @@ from onereward.runner import StageFailed, plan, run_pipeline, side_by_side
 
 def _graph(right: str = "right") -> Graph:
     return Graph((
-        Stage("source", "side_stages:source", (), (Output("seed"),), ("seed",)),
-        Stage("left", "side_stages:left", ("seed",), (Output("left_out"),), ("seed",)),
-        Stage("right", f"side_stages:{right}", ("seed",), (Output("right_out"),), ("seed",)),
-        Stage("join", "side_stages:join", ("left_out", "right_out"), (Output("joined"),), ("seed",)),
+        Stage(name="source", func="side_stages:source", outputs=(Output("seed"),), params=("seed",)),
+        Stage(name="left", func="side_stages:left", inputs=("seed",), outputs=(Output("left_out"),), params=("seed",)),
+        Stage(name="right", func=f"side_stages:{right}", inputs=("seed",), outputs=(Output("right_out"),),
+              params=("seed",)),
+        Stage(name="join", func="side_stages:join", inputs=("left_out", "right_out"), outputs=(Output("joined"),),
+              params=("seed",)),
     ))
 
 

@@ -41,13 +41,14 @@ class RetryPolicy:
     max_backoff_seconds: int = 3600
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     name: str
-    func: str  # "module:function", imported only when the stage runs
-    inputs: tuple[str, ...]  # artifact names produced by earlier stages
+    inputs: tuple[str, ...] = ()  # artifact names produced by earlier stages
     outputs: tuple[Output, ...]
     params: tuple[str, ...]  # Settings sections that, with the inputs, key the outputs
+    # "module:function", imported only when the stage runs; default onereward.stages.<name>:<name>
+    func: str = ""
     resources: Resources = field(default_factory=Resources)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     version: str = "1"  # bump when the stage's logic changes its outputs
@@ -55,6 +56,10 @@ class Stage:
     # "module:function" of Settings -> JSON-able fingerprint of external inputs (e.g. a source folder's
     # listing), so that new data under an unchanged configuration is not mistaken for cached work
     fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.func:
+            object.__setattr__(self, "func", f"onereward.stages.{self.name}:{self.name}")
 
     def load(self) -> Callable[..., Any]:
         return _import(self.func)
@@ -120,42 +125,41 @@ PENDING = "onereward.stages.pending:not_implemented"  # the func of a stage decl
 
 
 GRAPH = Graph((
-    Stage("curate", "onereward.stages.curate:curate", (), (Output("curated"),),
-          ("image_size", "seed", "curate"),
+    Stage(name="curate", outputs=(Output("curated"),), params=("image_size", "seed", "curate"),
           description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards",
           fingerprint="onereward.stages.curate:source_fingerprint"),
-    Stage("synthesize_masks", "onereward.stages.synthesize_masks:synthesize_masks", ("curated",),
-          (Output("conditions"),), ("image_size", "seed", "curate", "masks"),
+    Stage(name="synthesize_masks", inputs=("curated",), outputs=(Output("conditions"),),
+          params=("image_size", "seed", "curate", "masks"),
           description="fill / extend / removal / text conditions with masks, prompts, targets",
           fingerprint="onereward.stages.synthesize_masks:environment_fingerprint"),
-    Stage("pretrain_base", "onereward.stages.pretrain_base:pretrain_base", ("conditions",),
-          (Output("base_model", "Model"),), ("image_size", "seed", "generator", "pretrain", "tracking"), GPU,
+    Stage(name="pretrain_base", inputs=("conditions",), outputs=(Output("base_model", "Model"),),
+          params=("image_size", "seed", "generator", "pretrain", "tracking"), resources=GPU,
           description="train the tiny base generator, or register an external base (flux)"),
-    Stage("generate_candidates", "onereward.stages.generate_candidates:generate_candidates",
-          ("conditions", "base_model"), (Output("candidates"),), ("seed", "generator", "candidates"), GPU,
+    Stage(name="generate_candidates", inputs=("conditions", "base_model"), outputs=(Output("candidates"),),
+          params=("seed", "generator", "candidates"), resources=GPU,
           description="N candidates per condition with varied seeds / guidance / steps"),
-    Stage("label_preferences", "onereward.stages.label_preferences:label_preferences", ("conditions", "candidates"),
-          (Output("preferences"),), ("seed", "labels"),
+    Stage(name="label_preferences", inputs=("conditions", "candidates"), outputs=(Output("preferences"),),
+          params=("seed", "labels"),
           description="winner/loser per (task, criterion) from a pluggable labeller",
           fingerprint="onereward.data.labelstudio:export_fingerprint"),
-    Stage("train_reward", "onereward.stages.train_reward:train_reward", ("preferences", "conditions"),
-          (Output("reward_model", "Model"),), ("seed", "reward"), GPU,
+    Stage(name="train_reward", inputs=("preferences", "conditions"), outputs=(Output("reward_model", "Model"),),
+          params=("seed", "reward"), resources=GPU,
           description="train the VLM judge on Yes/No; sanity gate; register it"),
-    Stage("train_audit_reward", "onereward.stages.train_reward:train_audit_reward", ("preferences", "conditions"),
-          (Output("audit_model", "Model"),), ("seed", "reward"), GPU,
+    Stage(name="train_audit_reward", func="onereward.stages.train_reward:train_audit_reward",
+          inputs=("preferences", "conditions"), outputs=(Output("audit_model", "Model"),),
+          params=("seed", "reward"), resources=GPU,
           description="a second judge (other architecture and split) to catch reward hacking; same gate"),
-    Stage("rl_finetune", "onereward.stages.rl_finetune:rl_finetune",
-          ("conditions", "base_model", "reward_model", "audit_model"), (Output("policy", "Model"),),
-          ("seed", "image_size", "generator", "labels", "rl", "tracking"), GPU,
+    Stage(name="rl_finetune", inputs=("conditions", "base_model", "reward_model", "audit_model"),
+          outputs=(Output("policy", "Model"),), params=("seed", "image_size", "generator", "labels", "rl", "tracking"),
+          resources=GPU,
           description="OneReward multi-task RL against the judge; ground-truth early stopping; register"),
-    Stage("distill", "onereward.stages.distill:distill", ("conditions", "policy"), (Output("student", "Model"),),
-          ("seed", "image_size", "generator", "distill", "tracking"), GPU,
+    Stage(name="distill", inputs=("conditions", "policy"), outputs=(Output("student", "Model"),),
+          params=("seed", "image_size", "generator", "distill", "tracking"), resources=GPU,
           description="few-step student of the RL teacher with its CFG folded in; register"),
-    Stage("evaluate", "onereward.stages.evaluate:evaluate",
-          ("conditions", "base_model", "policy", "student", "reward_model", "audit_model"),
-          (Output("evaluation", "Metrics"),), ("seed", "image_size", "generator", "labels", "distill", "evaluate",
-                                                "tracking"), GPU,
+    Stage(name="evaluate", inputs=("conditions", "base_model", "policy", "student", "reward_model", "audit_model"),
+          outputs=(Output("evaluation", "Metrics"),),
+          params=("seed", "image_size", "generator", "labels", "distill", "evaluate", "tracking"), resources=GPU,
           description="base, RL teacher, student and champion on held-out ground truth and both judges; gates"),
-    Stage("promote", "onereward.stages.promote:promote", ("evaluation", "student"), (Output("promotion", "Metrics"),),
-          ("tracking",), description="registry aliases challenger / champion, after the gates passed"),
+    Stage(name="promote", inputs=("evaluation", "student"), outputs=(Output("promotion", "Metrics"),),
+          params=("tracking",), description="registry aliases challenger / champion, after the gates passed"),
 ))

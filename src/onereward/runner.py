@@ -168,8 +168,9 @@ def _stage_spec(stage: Stage) -> dict[str, Any]:
 def _stage_of(spec: dict[str, Any]) -> Stage:
     from onereward.pipeline import Output
 
-    return Stage(spec["name"], spec["func"], tuple(spec["inputs"]), tuple(Output(n, k) for n, k in spec["outputs"]),
-                 tuple(spec["params"]), version=spec["version"], fingerprint=spec["fingerprint"])
+    return Stage(name=spec["name"], func=spec["func"], inputs=tuple(spec["inputs"]),
+                 outputs=tuple(Output(n, k) for n, k in spec["outputs"]), params=tuple(spec["params"]),
+                 version=spec["version"], fingerprint=spec["fingerprint"])
 
 
 def run_child(spec_path: str) -> int:
