@@ -104,7 +104,7 @@ class AdapterOff:
 
 def conditions(n: int, size: int, device: torch.device):
     from onereward.config import TASKS
-    from onereward.models import data as mdata
+    from onereward.models import tensors
     from onereward.stages.rl_finetune import Conditions
 
     g = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def conditions(n: int, size: int, device: torch.device):
     batch = {"images": images, "masks": masks, "targets": targets, "prompts": [PROMPTS[t] for t in tasks],
              "tasks": tasks}
     by_task = {t: [i for i in range(n) if tasks[i] == t] for t in TASKS}
-    return Conditions([{}] * n, batch, mdata.masked_input(images, masks), by_task)
+    return Conditions([{}] * n, batch, tensors.masked_input(images, masks), by_task)
 
 
 def main() -> None:

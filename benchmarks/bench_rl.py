@@ -25,8 +25,8 @@ PROMPTS = {"fill": "fill red", "extend": "extend", "removal": "remove circle", "
 
 def setup(batch: int, reference: str):
     from onereward.config import TASKS, load_config
-    from onereward.models.generator import TinyUNetGenerator
     from onereward.models.judge import JudgeShape, TinyJudge
+    from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.rl_finetune import Conditions
 
     s = load_config("tiny", [f"rl.batch_size={batch}", f"rl.reference={reference}"])

@@ -22,7 +22,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from onereward.config import load_config
-    from onereward.models.generator import TinyUNetGenerator, load_generator
+    from onereward.models.generator import load_generator
+    from onereward.models.tiny_unet import TinyUNetGenerator
 
     s = load_config("tiny")
     gen = load_generator(args.model) if args.model else TinyUNetGenerator.build(

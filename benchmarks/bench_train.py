@@ -35,7 +35,7 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) 
 def pretrain_loop(batch: int, autocast: str):
     """A step function of the pretrain loop on synthetic rows (the cost does not depend on the pixels)."""
     from onereward.config import load_config
-    from onereward.models.generator import TinyUNetGenerator
+    from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.pretrain_base import train_step
 
     s = load_config("tiny", [f"pretrain.batch_size={batch}", f"pretrain.autocast={autocast}"])

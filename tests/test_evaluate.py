@@ -233,8 +233,8 @@ def test_the_students_background_term_pulls_its_x0_towards_the_input_outside_the
     the student's x0 outside the mask still moves to the input, which is known there for every task."""
     from types import SimpleNamespace
 
-    from onereward.models import data as mdata
-    from onereward.models.generator import TinyUNetGenerator
+    from onereward.models import tensors
+    from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.distill import distill_step
 
     s = load_config("tiny", ["distill.batch_size=8"])
@@ -257,7 +257,7 @@ def test_the_students_background_term_pulls_its_x0_towards_the_input_outside_the
         with torch.no_grad():
             x0 = student.predict_x0(states[2], torch.full((n,), 0.5), student.condition(batch["images"], masks),
                                     student.encode_text(batch["prompts"]))
-        errors[weight] = float(mdata._masked_mse(x0, batch["images"], 1 - masks).mean())
+        errors[weight] = float(tensors._masked_mse(x0, batch["images"], 1 - masks).mean())
     assert errors[4.0] < 0.8 * errors[0.0], errors  # measured: 0.058 vs 0.091
 
 

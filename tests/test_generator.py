@@ -4,7 +4,8 @@ import torch
 
 from onereward.config import load_config
 from onereward.models.flux import FluxFillGenerator
-from onereward.models.generator import TinyUNetGenerator, load_generator
+from onereward.models.generator import load_generator
+from onereward.models.tiny_unet import TinyUNetGenerator
 
 PROMPTS = ["fill red circle", 'text "A7"', "extend", "remove blue square", ""]
 

@@ -14,7 +14,7 @@ import torch
 from onereward import storage
 from onereward.config import load_config
 from onereward.machine import cpu_model
-from onereward.models.generator import TinyUNetGenerator
+from onereward.models.tiny_unet import TinyUNetGenerator
 from onereward.runner import execute_stage, plan, run_pipeline
 from onereward.stages.pretrain_base import evaluate_generator, heldout_by_task, load_conditions
 

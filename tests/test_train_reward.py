@@ -94,12 +94,12 @@ def test_smoother_preference_counts_what_labels_and_judge_pick():
     judge agrees with the first label only, so it picked the flat (smoother) image twice."""
     import torch
 
-    from onereward.models import data as mdata
+    from onereward.models import tensors
     from onereward.stages.train_reward import smoother_preference
 
     rng = np.random.default_rng(0)
-    flat = mdata.to_tensor([_png(0.5, np.random.default_rng(1))]).mean((2, 3), keepdim=True).expand(1, 3, 32, 32)
-    textured = mdata.to_tensor([_png(0.5, rng)])
+    flat = tensors.to_tensor([_png(0.5, np.random.default_rng(1))]).mean((2, 3), keepdim=True).expand(1, 3, 32, 32)
+    textured = tensors.to_tensor([_png(0.5, rng)])
     rows = [{"condition_id": "c", "kind": "cand_vs_cand"}, {"condition_id": "c", "kind": "cand_vs_cand"},
             {"condition_id": "c", "kind": "target_vs_cand"}]
     pairs = {"winner": torch.cat([flat, textured, textured]), "loser": torch.cat([textured, flat, flat])}
@@ -201,17 +201,17 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
 def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order(monkeypatch):
     import torch
 
-    from onereward.models import data as mdata
+    from onereward.models import tensors
 
     rng = np.random.default_rng(5)
     a, b = _png(0.2, rng), _png(0.8, rng)
     rows = [a, b, a, a, b]
     decoded = []
-    decode = mdata.from_png
-    monkeypatch.setattr(mdata, "from_png", lambda png, mode: decoded.append(png) or decode(png, mode))
-    x = mdata.to_tensor(rows)
+    decode = tensors.from_png
+    monkeypatch.setattr(tensors, "from_png", lambda png, mode: decoded.append(png) or decode(png, mode))
+    x = tensors.to_tensor(rows)
     assert sorted(decoded) == sorted([a, b])  # five rows, two distinct images: two decodes
-    single = {p: mdata.to_tensor([p])[0] for p in (a, b)}
+    single = {p: tensors.to_tensor([p])[0] for p in (a, b)}
     assert x.shape == (5, 3, 32, 32)
     assert all(torch.equal(x[i], single[p]) for i, p in enumerate(rows))
 

@@ -115,7 +115,7 @@ class PretrainConfig(Strict):
     # BF16 or on CUDA. Measured on 2 cores: 1.6x faster a step with the same held-out quality.
     autocast: Literal["auto", "bf16", "fp32"] = "auto"
     # tasks whose held-out measure must beat both trivial baselines, or nothing is registered and the
-    # stage fails (models/data.py GATE_MEASURE says what each task is measured by)
+    # stage fails (models/tensors.py GATE_MEASURE says what each task is measured by)
     gate_tasks: list[Task] = Field(default_factory=lambda: list(TASKS))
 
 

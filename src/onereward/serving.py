@@ -50,7 +50,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from onereward.config import TASKS
-        from onereward.models.data import to_pngs
+        from onereward.models.tensors import to_pngs
 
         missing = {"image", "mask", "prompt", "task"} - set(model_input.columns)
         if missing:

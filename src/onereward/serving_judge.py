@@ -25,8 +25,8 @@ class JudgeModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
 
-        from onereward.models.data import to_tensor
         from onereward.models.judge import Query
+        from onereward.models.tensors import to_tensor
 
         def images(column: str) -> torch.Tensor:
             return to_tensor([base64.b64decode(v) for v in model_input[column]])

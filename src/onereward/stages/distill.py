@@ -28,7 +28,7 @@ from rich.progress import Progress
 
 from onereward import tracking
 from onereward.config import DistillConfig
-from onereward.models import data as mdata
+from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
 from onereward.stages import StageContext, print_metrics
@@ -93,7 +93,7 @@ def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch
     loss = err.mean() if weights is None else (weights * err).sum() / (weights.sum() * err.shape[1])
     if dc.background_weight > 0:  # outside the mask the answer is the input itself, whatever the teacher drew
         keep = (1 - masks).float()
-        bg = mdata._masked_mse(student.to_pixels(pred).float(), images.float(), keep).mean()
+        bg = tensors._masked_mse(student.to_pixels(pred).float(), images.float(), keep).mean()
         loss = loss + dc.background_weight * bg
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -32,7 +32,7 @@ import torch
 from onereward import tracking
 from onereward.config import GateConfig
 from onereward.data.images import to_png
-from onereward.models import data as mdata
+from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, load_generator
 from onereward.models.judge import TinyJudge
 from onereward.stages import GateFailed, StageContext
@@ -75,7 +75,7 @@ def sample(c: Contender, cond: Conditions, seed: int) -> torch.Tensor:
 def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, float]:
     """rl_finetune's held-out measures, plus SSIM outside the mask."""
     b = cond.batch
-    ssim = float(mdata.masked_ssim(out, b["images"], 1 - b["masks"]).mean())
+    ssim = float(tensors.masked_ssim(out, b["images"], 1 - b["masks"]).mean())
     gt = rl_ground_truth(out, cond, task)
     return {"bg_psnr": gt["bg_psnr"], "bg_ssim": ssim, "mse_mask": gt["mse_mask"], "measure": gt["measure"]}
 

@@ -15,7 +15,7 @@ from rich.progress import track
 
 from onereward import tracking
 from onereward.config import TASKS
-from onereward.models import data as mdata
+from onereward.models import tensors
 from onereward.models.generator import load_generator
 from onereward.stages import StageContext
 
@@ -58,11 +58,11 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
     out_rows: dict[tuple[str, int], dict] = {}
     batches = [(k, v[i : i + c.batch_size]) for k, v in jobs.items() for i in range(0, len(v), c.batch_size)]
     for (steps, guidance), batch in track(batches, description="generate_candidates"):
-        b = mdata.batch_from_rows([r for r, _ in batch])
+        b = tensors.batch_from_rows([r for r, _ in batch])
         seeds = [candidate_seed(r["condition_id"], j, s.seed) for r, j in batch]
         imgs = gen.sample(b["images"], b["masks"], b["prompts"], steps=steps, guidance=guidance,
                           negative_prompt=s.generator.negative_prompt, seed=seeds)
-        for (r, j), seed, png in zip(batch, seeds, mdata.to_pngs(imgs), strict=True):
+        for (r, j), seed, png in zip(batch, seeds, tensors.to_pngs(imgs), strict=True):
             out_rows[(r["condition_id"], j)] = {
                 "condition_id": r["condition_id"], "candidate_id": f"{r['condition_id']}-c{j}", "task": r["task"],
                 "seed": seed, "steps": steps, "guidance": guidance, "image": png}
@@ -82,12 +82,12 @@ def _contact_sheets(out, conds: list[dict], rows: list[dict], per: int, n: int =
         picked = [c for c in conds if c["task"] == task][:n]
         if not picked:
             continue
-        b = mdata.batch_from_rows(picked)
+        b = tensors.batch_from_rows(picked)
         sheet = []
         for i, c in enumerate(picked):
-            cands = mdata.to_tensor([r["image"] for r in by_cond[c["condition_id"]]])
+            cands = tensors.to_tensor([r["image"] for r in by_cond[c["condition_id"]]])
             sheet.append([b["images"][i] * (1 - b["masks"][i]), *cands])
-        arr = mdata.grid(sheet)
+        arr = tensors.grid(sheet)
         buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="PNG")
         out.write_bytes(f"contact_sheets/{task}.png", buf.getvalue())
@@ -101,7 +101,7 @@ def _diversity(rows: list[dict], per: int) -> float:
         by_cond[r["condition_id"]].append(r["image"])
     vals = []
     for pngs in list(by_cond.values())[:50]:
-        t = mdata.to_tensor(pngs)
+        t = tensors.to_tensor(pngs)
         d = (t[:, None] - t[None]).abs().mean((2, 3, 4))
         k = len(pngs)
         if k > 1:

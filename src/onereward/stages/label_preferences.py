@@ -43,8 +43,8 @@ from scipy.ndimage import binary_dilation
 from onereward import storage, tracking
 from onereward.config import LabelsConfig
 from onereward.data import labelstudio, procedural, schema
-from onereward.models import data as mdata
-from onereward.models.data import _masked_mse
+from onereward.models import tensors
+from onereward.models.tensors import _masked_mse
 from onereward.stages import StageContext
 from onereward.stages.generate_candidates import SCHEMA as CANDIDATES
 
@@ -65,7 +65,7 @@ class Ground:
 
     @classmethod
     def of(cls, row: dict) -> Ground:
-        mask = mdata.to_tensor([row["mask"]], "L")
+        mask = tensors.to_tensor([row["mask"]], "L")
         m = mask[0, 0].numpy() > 0.5
         width = max(1, m.shape[0] // 16)
         ring = torch.from_numpy((binary_dilation(~m, iterations=width) & m).astype(np.float32))[None, None]
@@ -73,7 +73,7 @@ class Ground:
         colour = None
         if row["task"] == "fill" and len(words) == 2 and words[1] in procedural.COLORS:
             colour = torch.tensor(procedural.COLORS[words[1]], dtype=torch.float32)[None] / 127.5 - 1
-        return cls(mdata.to_tensor([row["image"]]), mask, mdata.to_tensor([row["target"]]), ring, colour)
+        return cls(tensors.to_tensor([row["image"]]), mask, tensors.to_tensor([row["target"]]), ring, colour)
 
 
 def _in_mask_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def removal_quality(x: torch.Tensor, g: Ground) -> torch.Tensor:
 
 
 def text_correctness(x: torch.Tensor, g: Ground) -> torch.Tensor:
-    return 1 - mdata.mask_correlation(x, g.mask, g.target)
+    return 1 - tensors.mask_correlation(x, g.mask, g.target)
 
 
 # Per criterion: (images (K,3,H,W), ground) -> (K,) error against the ground truth, lower is better.
@@ -155,7 +155,7 @@ def smoother_wins(rows: list[dict], masks: dict[str, bytes]) -> dict[str, float]
         images = {r[f"{side}_id"]: r[f"{side}_image"] for r in group for side in ("winner", "loser")}
         todo = [i for i in images if (cid, i) not in measured]
         if todo:
-            values = mdata.detail(mdata.to_tensor([images[i] for i in todo]), mdata.to_tensor([masks[cid]], "L"))
+            values = tensors.detail(tensors.to_tensor([images[i] for i in todo]), tensors.to_tensor([masks[cid]], "L"))
             measured.update({(cid, i): v for i, v in zip(todo, values.tolist(), strict=True)})
         for r in group:
             wins[f"smoother_wins.{r['kind']}.{r['task']}"].append(
@@ -203,7 +203,7 @@ def degrade(kind: str, x: torch.Tensor, g: Ground, gen: torch.Generator) -> torc
     if kind == "noise":
         return (x + 0.5 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
     if kind == "masked_input":
-        return mdata.masked_input(g.image, g.mask)
+        return tensors.masked_input(g.image, g.mask)
     if kind == "flat":
         return x.mean((2, 3), keepdim=True).expand_as(x).clone()
     raise ValueError(f"unknown degradation {kind!r}")
@@ -222,7 +222,7 @@ def _degraded(cond: dict, cands: list[dict], g: Ground, lc: LabelsConfig, seed: 
             source, x = f"{cond['condition_id']}-target", g.target
         else:
             c = cands[int(rng.integers(len(cands)))]
-            source, x = c["candidate_id"], mdata.to_tensor([c["image"]])
+            source, x = c["candidate_id"], tensors.to_tensor([c["image"]])
         ids.append(f"{source}~{kind}")
         images.append(degrade(kind, x, g, gen))
     return ids, torch.cat(images) if images else None
@@ -237,8 +237,8 @@ def auto_pairs(cond: dict, cands: list[dict], lc: LabelsConfig, seed: int) -> tu
     deg_ids, deg = _degraded(cond, cands, g, lc, seed)
     pngs = {c["candidate_id"]: c["image"] for c in cands} | {f"{cid}-target": cond["target"]}
     if deg is not None:
-        pngs |= dict(zip(deg_ids, mdata.to_pngs(deg), strict=True))
-    cand_x = mdata.to_tensor([c["image"] for c in cands])
+        pngs |= dict(zip(deg_ids, tensors.to_pngs(deg), strict=True))
+    cand_x = tensors.to_tensor([c["image"] for c in cands])
     pick, noise = _rng(seed, cid, 2), _rng(seed, cid, 3)
     rows: list[dict] = []
     counts: Counter[str] = Counter()
@@ -296,7 +296,7 @@ def imported_pairs(export: object, conds: dict[str, dict], by_cond: dict[str, li
         margin = float("nan")
         if cond["target"] is not None:
             g = grounds.setdefault(j.condition_id, Ground.of(cond))
-            m = MEASURES[j.criterion](mdata.to_tensor([pngs[j.winner_id], pngs[j.loser_id]]), g).tolist()
+            m = MEASURES[j.criterion](tensors.to_tensor([pngs[j.winner_id], pngs[j.loser_id]]), g).tolist()
             margin = m[1] - m[0]
         rows.append({"pair_id": j.pair_id, "condition_id": j.condition_id, "task": cond["task"],
                      "criterion": j.criterion, "kind": "cand_vs_cand", "winner_id": j.winner_id,

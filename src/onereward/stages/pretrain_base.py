@@ -18,9 +18,10 @@ from rich.progress import Progress
 
 from onereward import storage, tracking
 from onereward.config import TASKS, PretrainConfig, Settings
-from onereward.models import data as mdata
-from onereward.models.generator import MaskedFlowGenerator, TinyUNetGenerator, autocast, load_generator
+from onereward.models import tensors
+from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
+from onereward.models.tiny_unet import TinyUNetGenerator
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoints
 
@@ -42,20 +43,20 @@ def evaluate_generator(gen: MaskedFlowGenerator, by_task: dict[str, list[dict]],
     for task, rows in by_task.items():
         if not rows:
             continue
-        b = mdata.batch_from_rows(rows)
+        b = tensors.batch_from_rows(rows)
         out = torch.cat([
             gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
                        steps=steps, seed=seed + i)
             for i in range(0, len(rows), 64)
         ])
-        m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
+        m = tensors.mask_metrics(out, b["images"], b["masks"], b["targets"])
         for k, v in m.items():
             metrics[f"heldout.{task}.{k}"] = float(v.mean())
         metrics[f"heldout.{task}.n"] = len(rows)
-        metrics[f"heldout.{task}.beats_baselines"] = float(mdata.beats_baselines(task, m))
+        metrics[f"heldout.{task}.beats_baselines"] = float(tensors.beats_baselines(task, m))
         n = min(grid_rows, len(rows))
         grey_mask = b["masks"][:n].expand(-1, 3, -1, -1) * 2 - 1
-        grids[task] = mdata.grid([
+        grids[task] = tensors.grid([
             [b["images"][i] * (1 - b["masks"][i]), grey_mask[i], out[i], b["targets"][i]] for i in range(n)
         ])
     return metrics, grids
@@ -68,12 +69,12 @@ class BaseGateFailed(GateFailed):
 def check_gate(metrics: dict[str, float], tasks: list[str]) -> None:
     failed = []
     for task in tasks:
-        measure, better = mdata.GATE_MEASURE[task]
+        measure, better = tensors.GATE_MEASURE[task]
         if f"heldout.{task}.beats_baselines" not in metrics:
             failed.append(f"{task}: no held-out conditions with a target to measure")
         elif metrics[f"heldout.{task}.beats_baselines"] != 1.0:
             own = metrics[f"heldout.{task}.{measure}"]
-            base = ", ".join(f"{b} {metrics[f'heldout.{task}.{measure}_{b}']:.4f}" for b in mdata.BASELINES)
+            base = ", ".join(f"{b} {metrics[f'heldout.{task}.{measure}_{b}']:.4f}" for b in tensors.BASELINES)
             failed.append(f"{task}: {measure} {own:.4f} is not {better} than the baselines ({base})")
     if failed:
         raise BaseGateFailed("pretrain_base: the base generator fails its held-out gate (pretrain.gate_tasks); "
@@ -111,7 +112,7 @@ def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> 
     sched = torch.optim.lr_scheduler.LambdaLR(
         # math, not numpy: the lr lands in the optimizer state, which torch.load(weights_only=True) reads back
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min((i + start) / p.steps, 1.0))))
-    data = mdata.batch_from_rows(train_rows)
+    data = tensors.batch_from_rows(train_rows)
     gen.train(True)
     t0 = time.perf_counter()
     with Progress(transient=False) as bar:

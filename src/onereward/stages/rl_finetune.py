@@ -37,7 +37,7 @@ from rich.progress import Progress
 from onereward import storage, tracking
 from onereward.config import TASKS, RLConfig
 from onereward.data.images import to_png
-from onereward.models import data as mdata
+from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.judge import Query, TinyJudge
 from onereward.models.registry import register_generator
@@ -87,11 +87,11 @@ class Conditions:
 
     @classmethod
     def of(cls, rows: list[dict]) -> Conditions:
-        b = mdata.batch_from_rows(rows)
+        b = tensors.batch_from_rows(rows)
         by_task = defaultdict(list)
         for i, r in enumerate(rows):
             by_task[r["task"]].append(i)
-        return cls(rows, b, mdata.masked_input(b["images"], b["masks"]), dict(by_task))
+        return cls(rows, b, tensors.masked_input(b["images"], b["masks"]), dict(by_task))
 
     def take(self, idx: list[int]) -> dict:
         b = self.batch
@@ -174,7 +174,7 @@ def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: 
     loss = per_row.mean()
     if rc.background_weight > 0:  # outside the mask the answer is the input itself, for every task
         keep = (1 - b["masks"]).to(pol_img.device)
-        loss = loss + rc.background_weight * mdata._masked_mse(pol_img.float(), b["images"], keep).mean()
+        loss = loss + rc.background_weight * tensors._masked_mse(pol_img.float(), b["images"], keep).mean()
     if rc.anchor_weight > 0:
         with autocast(rc.autocast, policy.device):
             anchor = policy.training_loss(b["targets"], b["images"], b["masks"], b["prompts"], rng,
@@ -238,7 +238,7 @@ def rl_samples(gen: MaskedFlowGenerator, c: Conditions, rc: RLConfig, seed: int)
 
 def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
     b = c.batch
-    m = mdata.mask_metrics(out, b["images"], b["masks"], b["targets"])
+    m = tensors.mask_metrics(out, b["images"], b["masks"], b["targets"])
     return {"bg_psnr": float(m["bg_psnr"].mean()), "mse_mask": float(m["mse_mask"].mean()),
             "measure": float(task_measure(task, out, c.rows).mean())}
 
@@ -319,7 +319,7 @@ def sample_grid(c: Conditions, outputs: list[torch.Tensor], rows: int) -> np.nda
     """A row per condition: masked input | mask | each of `outputs` | target."""
     b = c.batch
     n = min(rows, len(c.rows))
-    return mdata.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
+    return tensors.grid([[b["images"][i] * (1 - b["masks"][i]), b["masks"][i].expand(3, -1, -1) * 2 - 1,
                         *(o[i] for o in outputs), b["targets"][i]] for i in range(n)])
 
 

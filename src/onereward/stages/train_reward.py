@@ -39,7 +39,7 @@ from rich.progress import Progress
 
 from onereward import storage, tracking
 from onereward.config import RewardConfig
-from onereward.models import data as mdata
+from onereward.models import tensors
 from onereward.models.judge import JudgeShape, Query, TinyJudge
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
@@ -59,9 +59,9 @@ def condition_context(conditions: list[dict]) -> dict[str, tuple[str, bytes]]:
     """condition_id -> (prompt, masked input PNG): what the judge is shown of each condition."""
     if not conditions:
         return {}
-    x = mdata.masked_input(mdata.to_tensor([c["image"] for c in conditions]),
-                           mdata.to_tensor([c["mask"] for c in conditions], "L"))
-    return {c["condition_id"]: (c["prompt"], png) for c, png in zip(conditions, mdata.to_pngs(x), strict=True)}
+    x = tensors.masked_input(tensors.to_tensor([c["image"] for c in conditions]),
+                           tensors.to_tensor([c["mask"] for c in conditions], "L"))
+    return {c["condition_id"]: (c["prompt"], png) for c, png in zip(conditions, tensors.to_pngs(x), strict=True)}
 
 
 def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict:
@@ -71,9 +71,9 @@ def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dic
         raise ValueError(f"preferences name conditions not in the conditions input: {missing[:5]}")
     q = Query([r["task"] for r in rows], [r["criterion"] for r in rows],
               [context[r["condition_id"]][0] for r in rows],
-              mdata.to_tensor([context[r["condition_id"]][1] for r in rows]))
-    return {"winner": mdata.to_tensor([r["winner_image"] for r in rows]),
-            "loser": mdata.to_tensor([r["loser_image"] for r in rows]), "query": q}
+              tensors.to_tensor([context[r["condition_id"]][1] for r in rows]))
+    return {"winner": tensors.to_tensor([r["winner_image"] for r in rows]),
+            "loser": tensors.to_tensor([r["loser_image"] for r in rows]), "query": q}
 
 
 def training_pairs(rows: list[dict], context: dict[str, tuple[str, bytes]], r: RewardConfig) -> dict:
@@ -173,8 +173,8 @@ def smoother_preference(rows: list[dict], p_win: np.ndarray, pairs: dict, masks:
     idx = [i for i, r in enumerate(rows) if r["kind"] == "cand_vs_cand"]
     if not idx:
         return {}
-    m = mdata.to_tensor([masks[rows[i]["condition_id"]] for i in idx], "L")
-    smoother_won = mdata.detail(pairs["winner"][idx], m) < mdata.detail(pairs["loser"][idx], m)
+    m = tensors.to_tensor([masks[rows[i]["condition_id"]] for i in idx], "L")
+    smoother_won = tensors.detail(pairs["winner"][idx], m) < tensors.detail(pairs["loser"][idx], m)
     judge_agrees = torch.from_numpy(p_win[idx] > 0.5)
     return {"heldout.smoother_label": float(smoother_won.float().mean()),
             "heldout.smoother_pref": float((smoother_won == judge_agrees).float().mean())}
