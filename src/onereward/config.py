@@ -289,6 +289,7 @@ class DistillConfig(Strict):
     background_weight: float = Field(4.0, ge=0)
     autocast: Literal["auto", "bf16", "fp32"] = "auto"  # the student's training passes
     threads: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1)  # training steps; a killed run resumes with the teacher's samples
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

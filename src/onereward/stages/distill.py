@@ -15,23 +15,27 @@ grid k of `distill.grids` and one of its segments [t_a, t_b]; from the teacher's
 Euler step z_b = x0 + (t_b / t_a)(z_a - x0) must land on the teacher's z_b, so its x0 target is
 (z_b - r z_a) / (1 - r), r = t_b / t_a. The student starts from the teacher's weights and is sampled without CFG.
 It is not told its step size, so grids that share a segment start (all start at t = 1) would ask it for two answers
-to one input: the default trains the served 4 steps alone and reports the others.
+to one input: the default trains the served 4 steps alone and reports the others. A checkpoint every
+`distill.checkpoint_every` steps keeps the student and the teacher's samples, so a killed run resumes without
+sampling the teacher again.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
-from onereward import tracking
+from onereward import storage, tracking
 from onereward.config import DistillConfig
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
 from onereward.stages import StageContext, print_metrics
+from onereward.stages.checkpoint import Checkpoint, Checkpoints
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.rl_finetune import Conditions, validation_rows
 
@@ -103,14 +107,24 @@ def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch
 
 
 def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
-                  seed: int) -> list[float]:
+                  seed: int, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
+                  keep: dict[str, Any] | None = None) -> list[float]:
+    """The student's loop; returns the loss every 10 steps. With `ckpts` it saves a checkpoint every
+    `distill.checkpoint_every` steps (the student, and `keep`: {"tensors": ..., "progress": ...} of the stage,
+    which must not be recomputed on a resume), and goes on from `ck`."""
     opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0, fused=True)
     rng = torch.Generator().manual_seed(seed)
-    losses, window = [], []
+    losses: list[float] = []
+    window: list[float] = []
+    start = 0
+    if ck:
+        ck.restore(opt, rng)
+        losses, window, start = ck.progress["losses"], ck.progress["window"], ck.step
+    keep = keep or {}
     student.train(True)
     with Progress(transient=False) as bar:
-        task = bar.add_task("distill", total=dc.train_steps)
-        for step in range(1, dc.train_steps + 1):
+        task = bar.add_task("distill", total=dc.train_steps, completed=start)
+        for step in range(start + 1, dc.train_steps + 1):
             window.append(distill_step(student, opt, c, states, dc, rng))
             bar.advance(task)
             if step % 10 == 0 or step == dc.train_steps:
@@ -119,6 +133,9 @@ def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Ten
                 if not bar.console.is_terminal and step % 50 == 0:
                     print(f"distill: step {step}/{dc.train_steps} loss {losses[-1]:.5f}", flush=True)
                 window.clear()
+            if ckpts and ckpts.due(step, dc.train_steps):
+                ckpts.save(step, opt, rng, folders={"student": student.save}, tensors=keep.get("tensors"),
+                           progress={"losses": losses, "window": window, **keep.get("progress", {})})
     student.train(False)
     return losses
 
@@ -138,23 +155,30 @@ def distill(ctx: StageContext) -> dict[str, float]:
     train = Conditions.of([rows[i] for i in sorted(pick.tolist())])
     held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
-    teacher = load_generator(teacher_dir)
+    ckpts = Checkpoints(ctx.scratch_uri, dc.checkpoint_every, ctx.stage)
+    ck = ckpts.resume()
+    if ck:  # the teacher's samples are most of the stage's time: a resumed run takes them from the checkpoint
+        saved = ck.tensors("teacher")
+        states, reference, metrics = saved["states"], saved["reference"], dict(ck.progress["metrics"])
+    else:
+        teacher = load_generator(teacher_dir)
+        t0 = time.perf_counter()
+        states = teacher_states(teacher, train, dc, s.seed)
+        traj_seconds = time.perf_counter() - t0
+        print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG "
+              f"{dc.teacher_guidance}) in {traj_seconds:.0f} s", flush=True)
+        hb = held.batch
+        reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
+                                   guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
+        metrics = {"teacher_trajectory_seconds": traj_seconds}
+        for k in dc.report_steps:
+            metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
+        del teacher
 
+    student = load_generator(ck.folder("student") if ck else teacher_dir)
     t0 = time.perf_counter()
-    states = teacher_states(teacher, train, dc, s.seed)
-    traj_seconds = time.perf_counter() - t0
-    print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG {dc.teacher_guidance}) "
-          f"in {traj_seconds:.0f} s", flush=True)
-    hb = held.batch
-    reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
-                               guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
-    metrics: dict[str, float] = {"teacher_trajectory_seconds": traj_seconds}
-    for k in dc.report_steps:
-        metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
-
-    student = load_generator(teacher_dir)
-    t0 = time.perf_counter()
-    losses = train_student(student, train, states, dc, s.seed)
+    keep = {"tensors": {"teacher": {"states": states, "reference": reference}}, "progress": {"metrics": metrics}}
+    losses = train_student(student, train, states, dc, s.seed, ckpts, ck, keep)
     metrics |= {"train_seconds": time.perf_counter() - t0, "distill.loss.first": losses[0],
                 "distill.loss.last": losses[-1]}
     for k in dc.report_steps:
@@ -174,5 +198,6 @@ def distill(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "distilled-candidate", "sample_steps": dc.steps, "guidance": 1.0})
+    storage.delete_tree(ctx.scratch_uri)  # the checkpoint only resumes this very run
     print_metrics(ctx.stage, metrics)
     return metrics | {"registered_version": float(version)}
