@@ -4,17 +4,16 @@ steps, written as Parquet with a contact sheet per task."""
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 from rich.progress import track
 
 from onereward import tracking
 from onereward.config import TASKS
+from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import load_generator
 from onereward.stages import StageContext
@@ -88,9 +87,7 @@ def _contact_sheets(out, conds: list[dict], rows: list[dict], per: int, n: int =
             cands = tensors.to_tensor([r["image"] for r in by_cond[c["condition_id"]]])
             sheet.append([b["images"][i] * (1 - b["masks"][i]), *cands])
         arr = tensors.grid(sheet)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        out.write_bytes(f"contact_sheets/{task}.png", buf.getvalue())
+        out.write_bytes(f"contact_sheets/{task}.png", to_png(arr))
         tracking.log_image(arr, f"contact_sheets/{task}.png")
 
 

@@ -7,17 +7,16 @@ Training resumes from the last checkpoint (kept under the stage's scratch URI) w
 
 from __future__ import annotations
 
-import io
 import math
 import time
 
 import numpy as np
 import torch
-from PIL import Image
 from rich.progress import Progress
 
 from onereward import storage, tracking
 from onereward.config import TASKS, PretrainConfig, Settings
+from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
@@ -165,9 +164,7 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     gen.save(out.dir / "model")
     out.write_json("heldout_metrics.json", metrics)
     for task, arr in grids.items():
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        out.write_bytes(f"samples/{task}.png", buf.getvalue())
+        out.write_bytes(f"samples/{task}.png", to_png(arr))
         tracking.log_image(arr, f"samples/{task}.png")
     version = register_generator(out.dir / "model", s.tracking.generator_model_name, "base", s.image_size,
                                  {"artifact_key": ctx.key})
