@@ -14,7 +14,6 @@ from onereward.data import schema
 from onereward.data.images import from_png, to_png
 from onereward.pipeline import GRAPH
 from onereward.runner import execute_stage, run_pipeline, stage_key
-from onereward.stages.generate_candidates import SCHEMA as CANDIDATES
 from onereward.stages.label_preferences import KINDS, auto_pairs, detail_conflicts, smoother_wins
 
 SIZE = 32
@@ -214,7 +213,7 @@ def test_stage_runs_through_the_runner_and_writes_the_schema(small_settings, tmp
     conditions = [r for r in storage.Artifact(cond_uri).read_table().to_pylist() if r["split"] == "train"][:24]
     cand_uri = str(tmp_path / "candidates")
     with storage.writing(cand_uri, "test-candidates") as w:
-        w.write_table(pa.Table.from_pylist(_candidates_for(conditions), schema=CANDIDATES))
+        w.write_table(pa.Table.from_pylist(_candidates_for(conditions), schema=schema.CANDIDATES))
     out = str(tmp_path / "preferences")
     outcome = execute_stage(STAGE, s, {"conditions": cond_uri, "candidates": cand_uri}, {"preferences": out})
 
@@ -263,7 +262,7 @@ def _write_inputs(tmp_path) -> tuple[dict[str, str], list[dict], list[dict]]:
     with storage.writing(uris["conditions"], "test-conditions") as w:
         w.write_table(schema.table(conditions, schema.CONDITIONS))
     with storage.writing(uris["candidates"], "test-candidates") as w:
-        w.write_table(pa.Table.from_pylist(cands, schema=CANDIDATES))
+        w.write_table(pa.Table.from_pylist(cands, schema=schema.CANDIDATES))
     return uris, conditions, cands
 
 

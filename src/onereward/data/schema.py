@@ -45,6 +45,18 @@ CONDITIONS = pa.schema(
     ]
 )
 
+CANDIDATES = pa.schema(  # generate_candidates: the base's samples of a condition
+    [
+        pa.field("condition_id", pa.string(), nullable=False),
+        pa.field("candidate_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("guidance", pa.float32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # PNG RGB
+    ]
+)
+
 
 PREFERENCES = pa.schema(  # label_preferences: one ordered pair (winner better than loser) per row
     [

@@ -8,25 +8,15 @@ import itertools
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 from rich.progress import track
 
 from onereward import tracking
 from onereward.config import TASKS
+from onereward.data import schema
 from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import load_generator
 from onereward.stages import StageContext
-
-SCHEMA = pa.schema([
-    pa.field("condition_id", pa.string(), nullable=False),
-    pa.field("candidate_id", pa.string(), nullable=False),
-    pa.field("task", pa.string(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),
-    pa.field("steps", pa.int32(), nullable=False),
-    pa.field("guidance", pa.float32(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),  # PNG RGB
-])
 
 
 def pick_conditions(rows: list[dict], limit: int) -> list[dict]:
@@ -67,7 +57,7 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
                 "seed": seed, "steps": steps, "guidance": guidance, "image": png}
     rows = [out_rows[k] for k in sorted(out_rows)]
     out = ctx.outputs["candidates"]
-    out.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+    out.write_table(schema.table(rows, schema.CANDIDATES))
     _contact_sheets(out, conds, rows, c.per_condition)
     diversity = _diversity(rows, c.per_condition)
     return {"conditions": len(conds), "candidates": len(rows), "mean_pairwise_l1": diversity}

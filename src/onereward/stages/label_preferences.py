@@ -46,7 +46,6 @@ from onereward.data import labelstudio, procedural, schema
 from onereward.models import tensors
 from onereward.models.tensors import _masked_mse
 from onereward.stages import StageContext
-from onereward.stages.generate_candidates import SCHEMA as CANDIDATES
 
 KINDS = ("cand_vs_cand", "target_vs_cand", "cand_vs_degraded")
 SHARD_ROWS = 4096
@@ -326,7 +325,7 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
     cond_art, cand_art = ctx.inputs["conditions"], ctx.inputs["candidates"]
     cond_tbl, cand_tbl = cond_art.read_table(), cand_art.read_table()
     schema.check_columns(cond_tbl, schema.CONDITIONS, f"conditions artifact {cond_art.uri}")
-    schema.check_columns(cand_tbl, CANDIDATES, f"candidates artifact {cand_art.uri}")
+    schema.check_columns(cand_tbl, schema.CANDIDATES, f"candidates artifact {cand_art.uri}")
     conds = {r["condition_id"]: r for r in cond_tbl.to_pylist()}
     by_cond: dict[str, list[dict]] = defaultdict(list)
     for c in sorted(cand_tbl.to_pylist(), key=lambda c: c["candidate_id"]):
