@@ -132,7 +132,7 @@ def test_a_deliberately_high_learning_rate_is_stopped_and_not_registered(rl_home
 def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
     from safetensors.torch import load_file
 
-    overrides = [*RL, "rl.steps=12"]
+    overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]  # between validations (every 2): their rewards kept
     s, step = _step(overrides)
     out = str(tmp_path / "killed" / "policy")
     ckpt = storage.Artifact(f"{out}.scratch/checkpoint")

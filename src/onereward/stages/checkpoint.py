@@ -1,4 +1,4 @@
-"""Resumable training state, shared by the training loops (pretrain_base, train_reward, rl_finetune).
+"""Resumable training state, shared by the training loops (pretrain_base, train_reward, rl_finetune, distill).
 
 One artifact under the stage's scratch URI, replaced atomically at each save, so a kill during a save leaves
 the previous checkpoint whole. Weights are safetensors (a model's own `save()` folders, or flat tensor files);
@@ -76,7 +76,9 @@ class Checkpoints:
         if found:
             local = art.local_dir()
             state = torch.load(local / STATE, weights_only=True)
-            ck = Checkpoint(int(state["step"]), local, json.loads((local / PROGRESS).read_text()), state)
+            # a checkpoint of a pretrain_base older than this helper has no progress file
+            progress = json.loads((local / PROGRESS).read_text()) if (local / PROGRESS).exists() else {}
+            ck = Checkpoint(int(state["step"]), local, progress, state)
             print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
         tracking.log_metrics({"resumed_from_step": ck.step if ck else 0})
         return ck
