@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from resume import assert_same_metrics, assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import DISTILL, EVALUATE, RL, UPSTREAM
 
 from onereward import storage
@@ -232,13 +233,7 @@ def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path
     """Killed after a checkpoint, the same command goes on from it with the teacher's samples it saved (no new
     trajectories) and ends with the student and held-out numbers of a run never killed. Inputs are the crowned
     graph's; the runs register into their own home, so the crowned registry's aliases stay as they are."""
-    import json
     import os
-    import signal
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
 
     monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
     overrides = [*SMALL, *FIRST, "distill.train_steps=12", "distill.checkpoint_every=2"]
@@ -247,40 +242,20 @@ def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path
     monkeypatch.setenv("ONEREWARD_HOME", str(home))
     out = str(tmp_path / "killed" / "student")
     ckpt = f"{out}.scratch/checkpoint"
-    cmd = [sys.executable, "-m", "onereward", "stage", "distill",
-           *[a for name, uri in step.inputs.items() for a in ("--in", f"{name}={uri}")], "--out", f"student={out}"]
-    for o in overrides:
-        cmd += ["--set", o]
+    cmd = stage_command("distill", step.inputs, {"student": out}, overrides)
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not storage.Artifact(ckpt).exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    log = proc.communicate()[0]
-    assert storage.Artifact(ckpt).exists(), log[-2000:]
-    killed_at = storage.Artifact(ckpt).manifest["step"]
-    assert 0 < killed_at < 12 and not storage.Artifact(out).exists()
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said[-3000:]
-    assert f"distill: resuming from checkpoint at step {killed_at}" in said and "teacher trajectories" not in said
-    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
+    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    assert killed_at < 12 and not storage.Artifact(out).exists()
+    said = rerun_to_the_end(cmd, env, killed_at, "distill")
+    assert "teacher trajectories" not in said
     resumed = storage.Artifact(out)
     assert resumed.exists() and not storage.Artifact(ckpt).exists()
 
     unkilled = str(tmp_path / "unkilled" / "student")
     execute_stage(step.stage, load_config("tiny", overrides), step.inputs, {"student": unkilled})
-    files = [f for f in resumed.files("model/") if f.endswith(".safetensors")]
-    assert files
-    for rel in files:
-        a, b = load_file(resumed.local_dir() / rel), load_file(storage.Artifact(unkilled).local_dir() / rel)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
-    got = resumed.read_json("distill_metrics.json")
-    want = storage.Artifact(unkilled).read_json("distill_metrics.json")
-    assert got.keys() == want.keys()
-    assert all(abs(got[k] - want[k]) < 1e-4 * max(1.0, abs(want[k])) for k in want if "seconds" not in k), (got, want)
+    assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
+    assert_same_metrics(resumed.read_json("distill_metrics.json"),
+                        storage.Artifact(unkilled).read_json("distill_metrics.json"), rel=1e-4)
 
 
 def test_the_students_background_term_pulls_its_x0_towards_the_input_outside_the_mask():

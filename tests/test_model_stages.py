@@ -1,15 +1,17 @@
 """pretrain_base and generate_candidates on reduced sizes, against a real `mlflow server`."""
 
 import base64
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
+from resume import (
+    assert_same_metrics,
+    assert_same_weights,
+    kill_after_checkpoint,
+    rerun_to_the_end,
+    stage_command,
+)
 
 from onereward import storage
 from onereward.config import load_config
@@ -86,40 +88,22 @@ def test_pretrain_resumes_after_sigkill(home, tmp_path):
     s = load_config("tiny", overrides)
     run_pipeline(s, until="synthesize_masks")
     step = next(p for p in plan(s) if p.stage.name == "pretrain_base")
-    ckpt = storage.Artifact(f"{step.outputs['base_model']}.scratch/checkpoint")
-    cmd = [sys.executable, "-m", "onereward", "stage", "pretrain_base",
-           "--in", f"conditions={step.inputs['conditions']}", "--out", f"base_model={step.outputs['base_model']}"]
-    for o in overrides:
-        cmd += ["--set", o]
+    out = step.outputs["base_model"]
+    ckpt = f"{out}.scratch/checkpoint"
+    cmd = stage_command("pretrain_base", step.inputs, {"base_model": out}, overrides)
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not ckpt.exists():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "a checkpoint should exist before the kill"
-    killed_at = ckpt.manifest["step"]
-    assert not storage.Artifact(step.outputs["base_model"]).exists()
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resuming from checkpoint at step {killed_at}" in done.stdout + done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
-    resumed = storage.Artifact(step.outputs["base_model"])
-    assert resumed.exists() and not ckpt.exists()
+    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    assert killed_at < 80 and not storage.Artifact(out).exists()
+    rerun_to_the_end(cmd, env, killed_at, "pretrain_base")
+    resumed = storage.Artifact(out)
+    assert resumed.exists() and not storage.Artifact(ckpt).exists()
 
     # the resumed model is the model an unkilled run of the same seed trains
-    from safetensors.torch import load_file
-
     unkilled = str(tmp_path / "unkilled" / "base_model")
     execute_stage(step.stage, s, step.inputs, {"base_model": unkilled})
-    for rel in [f for f in resumed.files("model/") if f.endswith(".safetensors")]:
-        a = load_file(resumed.local_dir() / rel)
-        b = load_file(storage.Artifact(unkilled).local_dir() / rel)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
-    got, want = resumed.read_json("heldout_metrics.json"), storage.Artifact(unkilled).read_json("heldout_metrics.json")
-    assert all(abs(got[k] - want[k]) < 1e-3 * max(1.0, abs(want[k])) for k in want), (got, want)
+    assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
+    assert_same_metrics(resumed.read_json("heldout_metrics.json"),
+                        storage.Artifact(unkilled).read_json("heldout_metrics.json"))
 
 
 def test_base_that_does_not_beat_the_baselines_is_not_registered(home, tmp_path):

@@ -3,14 +3,11 @@ deliberately high learning rate, and resuming after SIGKILL to the unkilled run'
 are trained by the real upstream stages (a few steps each); MLflow is the sqlite store under ONEREWARD_HOME."""
 
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
+from resume import assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import RL, UPSTREAM
 
 from onereward import storage
@@ -130,37 +127,19 @@ def test_a_deliberately_high_learning_rate_is_stopped_and_not_registered(rl_home
 
 
 def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
-    from safetensors.torch import load_file
-
     overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]  # between validations (every 2): their rewards kept
     s, step = _step(overrides)
     out = str(tmp_path / "killed" / "policy")
-    ckpt = storage.Artifact(f"{out}.scratch/checkpoint")
-    cmd = [sys.executable, "-m", "onereward", "stage", "rl_finetune",
-           *[a for name, uri in step.inputs.items() for a in ("--in", f"{name}={uri}")], "--out", f"policy={out}"]
-    for o in [*UPSTREAM, *overrides]:
-        cmd += ["--set", o]
+    ckpt = f"{out}.scratch/checkpoint"
+    cmd = stage_command("rl_finetune", step.inputs, {"policy": out}, [*UPSTREAM, *overrides])
     env = {**os.environ, "ONEREWARD_HOME": str(rl_home)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists(), "a checkpoint should exist before the kill"
-    killed_at = ckpt.manifest["step"]
-    assert 0 < killed_at < 12 and not storage.Artifact(out).exists()
-
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resuming from checkpoint at step {killed_at}" in done.stdout + done.stderr
+    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    assert killed_at < 12 and not storage.Artifact(out).exists()
+    rerun_to_the_end(cmd, env, killed_at, "rl_finetune")
     resumed = storage.Artifact(out)
-    assert resumed.exists() and not ckpt.exists()
+    assert resumed.exists() and not storage.Artifact(ckpt).exists()
 
     unkilled = str(tmp_path / "unkilled" / "policy")
     execute_stage(step.stage, s, step.inputs, {"policy": unkilled})
     assert resumed.read_json("validation.json") == storage.Artifact(unkilled).read_json("validation.json")
-    for rel in [f for f in resumed.files("model/") if f.endswith(".safetensors")]:
-        a = load_file(resumed.local_dir() / rel)
-        b = load_file(storage.Artifact(unkilled).local_dir() / rel)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
+    assert_same_weights(resumed, storage.Artifact(unkilled), "model/")

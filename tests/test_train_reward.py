@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from resume import assert_same_metrics, assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 
 from onereward import storage
 from onereward.config import load_config
@@ -219,62 +220,26 @@ def test_to_tensor_decodes_repeated_images_once_and_keeps_row_order(monkeypatch)
 def test_judge_resumes_after_sigkill_in_either_phase_to_the_unkilled_judge(home, tmp_path):
     """Killed during the vision warm-up, then again during the pairwise phase, the same command resumes each time
     from the last checkpoint and ends with the judge and held-out metrics of a run never killed."""
-    import json
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import torch
-    from safetensors.torch import load_file
 
     prefs, conds, out = str(tmp_path / "prefs"), str(tmp_path / "conds"), str(tmp_path / "killed" / "judge")
     _preferences(prefs, conds, 40)
     overrides = ["reward.steps=40", "reward.vision_warmup_steps=30", "reward.batch_size=8", "reward.eval_every=1000",
                  "reward.checkpoint_every=10", "reward.min_target_vs_base=0", "reward.min_base_vs_collapsed=0", GATED]
-    cmd = [sys.executable, "-m", "onereward", "stage", "train_reward", "--in", f"preferences={prefs}",
-           "--in", f"conditions={conds}", "--out", f"reward_model={out}"]
-    for o in overrides:
-        cmd += ["--set", o]
+    inputs = {"preferences": prefs, "conditions": conds}
+    cmd = stage_command("train_reward", inputs, {"reward_model": out}, overrides)
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    ckpt_uri = f"{out}.scratch/checkpoint"
-
-    def saved_step() -> int:
-        try:
-            return int(storage.Artifact(ckpt_uri).manifest["step"])
-        except (FileNotFoundError, OSError, ValueError, KeyError):
-            return 0
-
-    resumed_at = []
-    for kill_after in (10, 40):  # 10: in the warm-up (30 steps); 40: in the pairwise phase
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and saved_step() < kill_after and proc.poll() is None:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        log = proc.communicate()[0]
-        assert proc.returncode == -signal.SIGKILL and not storage.Artifact(out).exists(), log[-2000:]
-        resumed_at.append(saved_step())
-        assert resumed_at[-1] >= kill_after, log[-2000:]
-    assert "resuming from checkpoint at step" in log  # the second run went on from the warm-up's checkpoint
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resuming from checkpoint at step {resumed_at[-1]}" in done.stdout + done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "done"
+    ckpt = f"{out}.scratch/checkpoint"
+    warm, _ = kill_after_checkpoint(cmd, env, ckpt, at_least=10)  # in the 30-step warm-up
+    pairwise, log = kill_after_checkpoint(cmd, env, ckpt, at_least=40)  # in the pairwise phase
+    assert warm < 30 < pairwise < 70 and f"train_reward: resuming from checkpoint at step {warm}" in log, log[-2000:]
+    assert not storage.Artifact(out).exists()
+    rerun_to_the_end(cmd, env, pairwise, "train_reward")
     killed = storage.Artifact(out)
-    assert killed.exists() and not storage.Artifact(ckpt_uri).exists()
+    assert killed.exists() and not storage.Artifact(ckpt).exists()
 
     unkilled = str(tmp_path / "unkilled" / "judge")
-    execute_stage(STAGES["train_reward"], load_config("tiny", overrides), {"preferences": prefs, "conditions": conds},
-                  {"reward_model": unkilled})
-    files = [f for f in killed.files("judge/") if f.endswith(".safetensors")]
-    assert files
-    for rel in files:
-        a, b = load_file(killed.local_dir() / rel), load_file(storage.Artifact(unkilled).local_dir() / rel)
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), rel
-    got = killed.read_json("heldout_metrics.json")
-    want = storage.Artifact(unkilled).read_json("heldout_metrics.json")
-    assert got.keys() == want.keys()
-    assert all(abs(got[k] - want[k]) < 1e-3 * max(1.0, abs(want[k])) for k in want if k != "train_seconds"), (got,
-                                                                                                            want)
+    execute_stage(STAGES["train_reward"], load_config("tiny", overrides), inputs, {"reward_model": unkilled})
+    assert_same_weights(killed, storage.Artifact(unkilled), "judge/")
+    assert_same_metrics(killed.read_json("heldout_metrics.json"),
+                        storage.Artifact(unkilled).read_json("heldout_metrics.json"))
