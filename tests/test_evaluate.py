@@ -246,10 +246,13 @@ def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
     killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
     assert killed_at < 12 and not storage.Artifact(out).exists()
+    # the teacher's samples are kept once beside the checkpoint, not in it
+    assert storage.Artifact(f"{out}.scratch/teacher").exists()
+    assert not any("teacher" in f for f in storage.Artifact(ckpt).files())
     said = rerun_to_the_end(cmd, env, killed_at, "distill")
-    assert "teacher trajectories" not in said
+    assert "teacher trajectories" not in said and "the teacher's samples of the killed run" in said
     resumed = storage.Artifact(out)
-    assert resumed.exists() and not storage.Artifact(ckpt).exists()
+    assert resumed.exists() and not storage.exists(f"{out}.scratch")
 
     unkilled = str(tmp_path / "unkilled" / "student")
     execute_stage(step.stage, load_config("tiny", overrides), step.inputs, {"student": unkilled})

@@ -3,7 +3,9 @@
 One artifact under the stage's scratch URI, replaced atomically at each save, so a kill during a save leaves
 the previous checkpoint whole. Weights are safetensors (a model's own `save()` folders, or flat tensor files);
 the optimizer and the RNG go through `torch.save` and are read back with `weights_only=True`; the loop's own
-progress (validation history, phase, losses) is JSON. A finished stage deletes its scratch URI.
+progress (validation history, phase, losses) is JSON. What a stage computes once before its loop and must not
+compute again on a resume (distill's teacher samples) is kept beside it, saved once (`keep`/`kept`). A finished
+stage deletes its scratch URI (`clear`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Checkpoints:
     """Where one stage run keeps its checkpoint, and how often it saves one."""
 
     def __init__(self, scratch_uri: str, every: int, stage: str):
-        self.uri = storage.join(scratch_uri, "checkpoint")
+        self.scratch, self.uri = scratch_uri, storage.join(scratch_uri, "checkpoint")
         self.every, self.stage = every, stage
 
     def due(self, step: int, total: int) -> bool:
@@ -71,14 +73,33 @@ class Checkpoints:
         """The checkpoint a killed run of this stage left, if any (said on the stage's output and logged as
         `resumed_from_step`)."""
         art = storage.Artifact(self.uri)
-        found = art.exists()
-        ck = None
-        if found:
-            local = art.local_dir()
-            state = torch.load(local / STATE, weights_only=True)
-            # a checkpoint of a pretrain_base older than this helper has no progress file
-            progress = json.loads((local / PROGRESS).read_text()) if (local / PROGRESS).exists() else {}
-            ck = Checkpoint(int(state["step"]), local, progress, state)
-            print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
-        tracking.log_metrics({"resumed_from_step": ck.step if ck else 0})
+        if not art.exists():
+            tracking.log_metrics({"resumed_from_step": 0})
+            return None
+        local = art.local_dir()
+        state = torch.load(local / STATE, weights_only=True)
+        # a checkpoint of a pretrain_base older than this helper has no progress file
+        progress = json.loads((local / PROGRESS).read_text()) if (local / PROGRESS).exists() else {}
+        ck = Checkpoint(int(state["step"]), local, progress, state)
+        print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
+        tracking.log_metrics({"resumed_from_step": ck.step})
         return ck
+
+    def keep(self, name: str, tensors: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
+        """Save once what the stage computed before its loop, so a resumed run (from a checkpoint or not) does not
+        compute it again, and no checkpoint carries a copy of it."""
+        with storage.writing(storage.join(self.scratch, name), key=name) as w:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(w.path(f"{name}.safetensors")))
+            w.write_json(PROGRESS, facts)
+
+    def kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What `keep(name, ...)` saved in a killed run of this stage, if it got that far."""
+        art = storage.Artifact(storage.join(self.scratch, name))
+        if not art.exists():
+            return None
+        local = art.local_dir()
+        return load_file(str(local / f"{name}.safetensors")), json.loads((local / PROGRESS).read_text())
+
+    def clear(self) -> None:
+        """Drop the scratch of this run once its output is committed: a checkpoint only resumes this very run."""
+        storage.delete_tree(self.scratch)

@@ -16,20 +16,19 @@ Euler step z_b = x0 + (t_b / t_a)(z_a - x0) must land on the teacher's z_b, so i
 (z_b - r z_a) / (1 - r), r = t_b / t_a. The student starts from the teacher's weights and is sampled without CFG.
 It is not told its step size, so grids that share a segment start (all start at t = 1) would ask it for two answers
 to one input: the default trains the served 4 steps alone and reports the others. A checkpoint every
-`distill.checkpoint_every` steps keeps the student and the teacher's samples, so a killed run resumes without
-sampling the teacher again.
+`distill.checkpoint_every` steps keeps the student; the teacher's samples are kept once beside it, so a killed run
+resumes without sampling the teacher again.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
-from onereward import storage, tracking
+from onereward import tracking
 from onereward.config import DistillConfig
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
@@ -107,11 +106,9 @@ def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch
 
 
 def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
-                  seed: int, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
-                  keep: dict[str, Any] | None = None) -> list[float]:
-    """The student's loop; returns the loss every 10 steps. With `ckpts` it saves a checkpoint every
-    `distill.checkpoint_every` steps (the student, and `keep`: {"tensors": ..., "progress": ...} of the stage,
-    which must not be recomputed on a resume), and goes on from `ck`."""
+                  seed: int, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None) -> list[float]:
+    """The student's loop; returns the loss every 10 steps. With `ckpts` it saves the student every
+    `distill.checkpoint_every` steps, and goes on from `ck`."""
     opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0, fused=True)
     rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -120,7 +117,6 @@ def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Ten
     if ck:
         ck.restore(opt, rng)
         losses, window, start = ck.progress["losses"], ck.progress["window"], ck.step
-    keep = keep or {}
     student.train(True)
     with Progress(transient=False) as bar:
         task = bar.add_task("distill", total=dc.train_steps, completed=start)
@@ -134,8 +130,8 @@ def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Ten
                     print(f"distill: step {step}/{dc.train_steps} loss {losses[-1]:.5f}", flush=True)
                 window.clear()
             if ckpts and ckpts.due(step, dc.train_steps):
-                ckpts.save(step, opt, rng, folders={"student": student.save}, tensors=keep.get("tensors"),
-                           progress={"losses": losses, "window": window, **keep.get("progress", {})})
+                ckpts.save(step, opt, rng, folders={"student": student.save},
+                           progress={"losses": losses, "window": window})
     student.train(False)
     return losses
 
@@ -156,10 +152,11 @@ def distill(ctx: StageContext) -> dict[str, float]:
     held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
     ckpts = Checkpoints(ctx.scratch_uri, dc.checkpoint_every, ctx.stage)
-    ck = ckpts.resume()
-    if ck:  # the teacher's samples are most of the stage's time: a resumed run takes them from the checkpoint
-        saved = ck.tensors("teacher")
-        states, reference, metrics = saved["states"], saved["reference"], dict(ck.progress["metrics"])
+    kept = ckpts.kept("teacher")
+    if kept:  # a killed run sampled the teacher already
+        saved, metrics = kept
+        states, reference = saved["states"], saved["reference"]
+        print(f"distill: the teacher's samples of the killed run ({ckpts.scratch})", flush=True)
     else:
         teacher = load_generator(teacher_dir)
         t0 = time.perf_counter()
@@ -174,11 +171,12 @@ def distill(ctx: StageContext) -> dict[str, float]:
         for k in dc.report_steps:
             metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
         del teacher
+        ckpts.keep("teacher", {"states": states, "reference": reference}, metrics)
 
+    ck = ckpts.resume()
     student = load_generator(ck.folder("student") if ck else teacher_dir)
     t0 = time.perf_counter()
-    keep = {"tensors": {"teacher": {"states": states, "reference": reference}}, "progress": {"metrics": metrics}}
-    losses = train_student(student, train, states, dc, s.seed, ckpts, ck, keep)
+    losses = train_student(student, train, states, dc, s.seed, ckpts, ck)
     metrics |= {"train_seconds": time.perf_counter() - t0, "distill.loss.first": losses[0],
                 "distill.loss.last": losses[-1]}
     for k in dc.report_steps:
@@ -198,6 +196,6 @@ def distill(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "distilled-candidate", "sample_steps": dc.steps, "guidance": 1.0})
-    storage.delete_tree(ctx.scratch_uri)  # the checkpoint only resumes this very run
+    ckpts.clear()
     print_metrics(ctx.stage, metrics)
     return metrics | {"registered_version": float(version)}

@@ -96,10 +96,8 @@ def train_step(gen: MaskedFlowGenerator, opt: torch.optim.Optimizer, data: dict,
     return loss
 
 
-def train(ctx: StageContext, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
-    s: Settings = ctx.settings
+def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
     p = s.pretrain
-    ckpts = Checkpoints(ctx.scratch_uri, p.checkpoint_every, ctx.stage)
     ck = ckpts.resume()
     gen = load_generator(ck.folder("model")) if ck else TinyUNetGenerator.build(s.generator, all_prompts,
                                                                                  s.image_size, s.seed)
@@ -156,7 +154,8 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
     prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
-    gen = train(ctx, train_rows, [*prompts, s.generator.negative_prompt])
+    ckpts = Checkpoints(ctx.scratch_uri, s.pretrain.checkpoint_every, ctx.stage)
+    gen = train(s, ckpts, train_rows, [*prompts, s.generator.negative_prompt])
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
     check_gate(metrics, s.pretrain.gate_tasks)
@@ -170,6 +169,6 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
                                  {"artifact_key": ctx.key})
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "base"})
-    storage.delete_tree(ctx.scratch_uri)  # checkpoints are only for resuming this very run
+    ckpts.clear()
     print_metrics(ctx.stage, metrics)
     return {**metrics, "registered_version": float(version)}

@@ -35,7 +35,7 @@ import torch
 from rich.progress import Progress
 
 from onereward import storage, tracking
-from onereward.config import TASKS, RLConfig
+from onereward.config import TASKS, RLConfig, Settings
 from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
@@ -335,12 +335,10 @@ def _criteria(s) -> dict[str, list[str]]:
     return {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
 
 
-def train(ctx: StageContext, base_dir, base: MaskedFlowGenerator, train_c: Conditions, val: Validation,
-          judge: TinyJudge) -> tuple[MaskedFlowGenerator, RunState]:
-    s = ctx.settings
+def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, train_c: Conditions,
+          val: Validation, judge: TinyJudge) -> tuple[MaskedFlowGenerator, RunState]:
     rc = s.rl
     criteria = _criteria(s)
-    ckpts = Checkpoints(ctx.scratch_uri, rc.checkpoint_every, ctx.stage)
     ck = ckpts.resume()
     policy = load_generator(ck.folder("policy") if ck else base_dir)
     best = ck.tensors("best") if ck else trainable_state(policy)
@@ -449,7 +447,8 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     base = load_generator(base_dir)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
     print("rl_finetune: base on held-out conditions " + json.dumps(val.base), flush=True)
-    policy, prog = train(ctx, base_dir, base, Conditions.of(train_rows), val, judge)
+    ckpts = Checkpoints(ctx.scratch_uri, rc.checkpoint_every, ctx.stage)
+    policy, prog = train(s, ckpts, base_dir, base, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
         raise NoImprovement(
@@ -490,7 +489,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "rl-candidate"})
-    storage.delete_tree(ctx.scratch_uri)
+    ckpts.clear()
     for t in audit_rows:
         print(f"rl_finetune: {task_summary(metrics, t)}", flush=True)
     return metrics | {"registered_version": float(version)}

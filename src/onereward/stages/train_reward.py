@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress
 
-from onereward import storage, tracking
+from onereward import tracking
 from onereward.config import RewardConfig
 from onereward.models import tensors
 from onereward.models.judge import JudgeShape, Query, TinyJudge
@@ -405,7 +405,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     version = register_judge(out.dir / "judge", spec.model_name, alias, judge.shape.image_size,
                              {"artifact_key": ctx.key, "arch": spec.arch, "split_seed": str(spec.split_seed)})
     out.write_json("registry.json", {"name": spec.model_name, "version": version, "alias": alias})
-    storage.delete_tree(ctx.scratch_uri)  # the checkpoint only resumes this very run
+    ckpts.clear()
     prefix = "" if role == "judge" else "audit."
     return {f"{prefix}{k}": v for k, v in metrics.items()} | {"registered_version": float(version)}
 
