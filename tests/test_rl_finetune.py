@@ -143,3 +143,16 @@ def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
     execute_stage(step.stage, s, step.inputs, {"policy": unkilled})
     assert resumed.read_json("validation.json") == storage.Artifact(unkilled).read_json("validation.json")
     assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
+    # the logged training curves (10-step means) too: the checkpoint keeps the steps since the last point
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("onereward").experiment_id
+
+    def curve(uri: str) -> list[tuple[int, float]]:
+        run = client.search_runs([exp], f"tags.`output.policy` = '{uri}' and attributes.status = 'FINISHED'")[0]
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.reward")]
+
+    got, want = curve(out), curve(unkilled)
+    assert [st for st, _ in got] == [st for st, _ in want] == [10, 12]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)

@@ -342,8 +342,10 @@ def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, 
     ck = ckpts.resume()
     policy = load_generator(ck.folder("policy") if ck else base_dir)
     best = ck.tensors("best") if ck else trainable_state(policy)
-    # the rewards since the last validation go into its record: a checkpoint between validations keeps them
+    # the rewards since the last validation go into its record, and the logged curves are 10-step means: a
+    # checkpoint between the two keeps what they have gathered
     since_eval: list[float] = ck.progress.pop("since_eval", []) if ck else []
+    window: dict[str, list[float]] = defaultdict(list, ck.progress.pop("window", {}) if ck else {})
     prog = RunState(**ck.progress) if ck else RunState()
     # the reference: the frozen base itself, or (ema) a copy of it moved towards the policy after each step
     reference = load_generator(base_dir) if rc.reference == "ema" else base
@@ -354,7 +356,6 @@ def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, 
     if ck:
         ck.restore(opt, rng)
         start = ck.step
-    window: dict[str, list[float]] = defaultdict(list)
     t0 = time.perf_counter()
     with Progress(transient=False) as bar:
         task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
@@ -386,7 +387,7 @@ def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, 
             if ckpts.due(step, rc.steps) and prog.stopped_at is None:
                 ema = {"ema": trainable_state(reference)} if rc.reference == "ema" else {}
                 ckpts.save(step, opt, rng, folders={"policy": policy.save}, tensors={"best": best, **ema},
-                           progress={**prog.__dict__, "since_eval": since_eval})
+                           progress={**prog.__dict__, "since_eval": since_eval, "window": window})
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"train_seconds": seconds, "seconds_per_step": seconds / max(step - start, 1)})
     load_trainable_state(policy, best)
