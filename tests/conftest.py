@@ -75,6 +75,36 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
+@pytest.fixture(scope="session")
+def upstream_home(tmp_path_factory) -> Path:
+    """Conditions, base and both judges at the reduced sizes of tests/sizes.py (UPSTREAM), trained once a session
+    for the modules that start from them; each takes its own copy (`copy_home`), so registries stay apart."""
+    from sizes import UPSTREAM
+
+    from onereward.config import load_config
+    from onereward.runner import run_pipeline
+
+    home = tmp_path_factory.mktemp("upstream") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ONEREWARD_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
+    return home
+
+
+def copy_home(src: Path, dst: Path) -> Path:
+    """A copy of an ONEREWARD_HOME (artifacts, MLflow store and registry). The copy's experiment logs new runs'
+    artifacts under the copy; the runs and model versions already there keep pointing into `src`."""
+    import sqlite3
+    from contextlib import closing
+
+    shutil.copytree(src, dst)
+    with closing(sqlite3.connect(dst / "mlflow.db")) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (src.as_uri(), dst.as_uri()))
+    return dst
+
+
 SMALL = [
     "curate.sources=[{kind: procedural, count: 48}]",
     "masks.conditions_per_image=2",

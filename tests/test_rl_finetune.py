@@ -7,25 +7,21 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import copy_home
 from resume import assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import RL, UPSTREAM
 
 from onereward import storage
 from onereward.config import load_config
-from onereward.runner import execute_stage, plan, run_pipeline
+from onereward.runner import execute_stage, plan
 from onereward.stages.label_preferences import Ground
 from onereward.stages.rl_finetune import NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """Conditions, base and both judges, trained once for the module under one ONEREWARD_HOME."""
-    home = tmp_path_factory.mktemp("rl") / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ONEREWARD_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
-    return home
+def upstream(upstream_home, tmp_path_factory):
+    """Conditions, base and both judges (the session's), in this module's own ONEREWARD_HOME."""
+    return copy_home(upstream_home, tmp_path_factory.mktemp("rl") / "home")
 
 
 @pytest.fixture
