@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import copy_home
+from conftest import copy_home, in_home
 from resume import assert_same_metrics, assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import DISTILL, EVALUATE, RL, UPSTREAM
 
@@ -64,9 +64,7 @@ def crowned(upstream_home, tmp_path_factory):
     """The whole graph at reduced sizes, run to a first champion under one ONEREWARD_HOME; the stages up to the
     judges are the session's (cached: the same keys)."""
     home = copy_home(upstream_home, tmp_path_factory.mktemp("eval") / "home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ONEREWARD_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with in_home(home):
         first = run_pipeline(load_config("tiny", [*SMALL, *FIRST]))
         second = run_pipeline(load_config("tiny", [*SMALL, *FIRST]))
     return home, first, second
