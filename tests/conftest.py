@@ -12,8 +12,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,33 +81,16 @@ def _tracking_uri_as_it_was():
     of one test's home becomes the next test's."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    _restore_env("MLFLOW_TRACKING_URI", before)
+    from homes import restore_env
 
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-@contextmanager
-def in_home(home: Path) -> Iterator[Path]:
-    """ONEREWARD_HOME=home (and its own MLflow store) for the block; both as they were after it. For fixtures
-    wider than a test, which the autouse fixture above does not cover."""
-    before = {k: os.environ.pop(k, None) for k in ("ONEREWARD_HOME", "MLFLOW_TRACKING_URI")}
-    os.environ["ONEREWARD_HOME"] = str(home)
-    try:
-        yield home
-    finally:
-        for k, v in before.items():
-            _restore_env(k, v)
+    restore_env("MLFLOW_TRACKING_URI", before)
 
 
 @pytest.fixture(scope="session")
 def upstream_home(tmp_path_factory) -> Path:
     """Conditions, base and both judges at the reduced sizes of tests/sizes.py (UPSTREAM), trained once a session
     for the modules that start from them; each takes its own copy (`copy_home`), so registries stay apart."""
+    from homes import in_home
     from sizes import UPSTREAM
 
     from onereward.config import load_config
@@ -118,22 +99,6 @@ def upstream_home(tmp_path_factory) -> Path:
     with in_home(tmp_path_factory.mktemp("upstream") / "home") as home:
         run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
     return home
-
-
-def copy_home(src: Path, dst: Path) -> Path:
-    """A copy of an ONEREWARD_HOME: artifacts, and the MLflow store through sqlite's backup (whole whatever its
-    write-ahead log holds). The copy's experiment logs new runs' artifacts under the copy; the runs and model
-    versions already there keep pointing into `src`."""
-    import sqlite3
-    from contextlib import closing
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("mlflow.db*"))
-    with closing(sqlite3.connect(src / "mlflow.db")) as a, closing(sqlite3.connect(dst / "mlflow.db")) as b:
-        a.backup(b)
-        with b:
-            b.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                      (src.as_uri(), dst.as_uri()))
-    return dst
 
 
 SMALL = [

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import copy_home
+from homes import copy_home
 from resume import assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import RL, UPSTREAM
 

@@ -56,7 +56,8 @@ def _photo(name: str) -> np.ndarray:
         spec = importlib.util.find_spec("sklearn")
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError("scikit-learn is not installed")
-        path = Path(spec.submodule_search_locations[0], "datasets", "images", SKLEARN_PHOTOS[int(name[8:])])
+        photo = SKLEARN_PHOTOS[int(name.removeprefix("sklearn:"))]
+        path = Path(spec.submodule_search_locations[0], "datasets", "images", photo)
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
     import skimage.data

@@ -54,10 +54,13 @@ class StageContext:
     inputs: dict[str, Artifact]
     outputs: dict[str, ArtifactWriter]
     key: str
+    scratch_used: bool = False
 
     @property
     def scratch_uri(self) -> str:
-        """Where a stage keeps resumable state (checkpoints), keyed like its outputs."""
+        """Where a stage keeps resumable state (checkpoints) beside its first output; the runner deletes it once
+        the outputs are committed, when the stage asked for it."""
+        self.scratch_used = True
         first = next(iter(self.outputs.values()))
         return f"{first.uri}.scratch"
 

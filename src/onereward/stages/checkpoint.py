@@ -4,8 +4,8 @@ One artifact under the stage's scratch URI, replaced atomically at each save, so
 the previous checkpoint whole. Weights are safetensors (a model's own `save()` folders, or flat tensor files);
 the optimizer and the RNG go through `torch.save` and are read back with `weights_only=True`; the loop's own
 progress (validation history, phase, losses) is JSON. What a stage computes once before its loop and must not
-compute again on a resume (distill's teacher samples) is kept beside it, saved once (`keep`/`kept`). A finished
-stage deletes its scratch URI (`clear`).
+compute again on a resume (distill's teacher samples) is kept beside it, saved once (`keep`/`kept`). The runner
+deletes the scratch once the stage's outputs are committed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from onereward import storage, tracking
+from onereward.stages import StageContext
 
 STATE = "state.pt"
 PROGRESS = "progress.json"
@@ -47,11 +48,13 @@ class Checkpoint:
 
 
 class Checkpoints:
-    """Where one stage run keeps its checkpoint, and how often it saves one."""
+    """Where one stage run keeps its checkpoint, and how often it saves one. What it saves carries the run's key:
+    a scratch left by another configuration under the same output URI (`onereward stage --out` reused) is not
+    resumed from."""
 
-    def __init__(self, scratch_uri: str, every: int, stage: str):
-        self.scratch, self.uri = scratch_uri, storage.join(scratch_uri, "checkpoint")
-        self.every, self.stage = every, stage
+    def __init__(self, ctx: StageContext, every: int):
+        self.scratch, self.uri = ctx.scratch_uri, storage.join(ctx.scratch_uri, "checkpoint")
+        self.every, self.stage, self.key = every, ctx.stage, ctx.key
 
     def due(self, step: int, total: int) -> bool:
         """After optimizer step `step` of `total`: the last step saves nothing (the stage's output follows)."""
@@ -61,7 +64,7 @@ class Checkpoints:
              folders: dict[str, Callable[[Path], None]] | None = None,
              tensors: dict[str, dict[str, torch.Tensor]] | None = None,
              progress: dict[str, Any] | None = None) -> None:
-        with storage.writing(self.uri, key=f"step-{step}", meta={"step": step}) as w:
+        with storage.writing(self.uri, key=self.key, meta={"step": step}) as w:
             for name, save in (folders or {}).items():
                 save(w.dir / name)
             for name, state in (tensors or {}).items():
@@ -69,18 +72,26 @@ class Checkpoints:
             torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path(STATE))
             w.write_json(PROGRESS, progress or {})
 
+    def _ours(self, uri: str) -> storage.Artifact | None:
+        art = storage.Artifact(uri)
+        if not art.exists():
+            return None
+        if art.key != self.key:
+            print(f"{self.stage}: {uri} was left by another configuration (key {art.key}, this run's {self.key}): "
+                  "not resumed from", flush=True)
+            return None
+        return art
+
     def resume(self) -> Checkpoint | None:
         """The checkpoint a killed run of this stage left, if any (said on the stage's output and logged as
         `resumed_from_step`)."""
-        art = storage.Artifact(self.uri)
-        if not art.exists():
+        art = self._ours(self.uri)
+        if art is None:
             tracking.log_metrics({"resumed_from_step": 0})
             return None
         local = art.local_dir()
         state = torch.load(local / STATE, weights_only=True)
-        # a checkpoint of a pretrain_base older than this helper has no progress file
-        progress = json.loads((local / PROGRESS).read_text()) if (local / PROGRESS).exists() else {}
-        ck = Checkpoint(int(state["step"]), local, progress, state)
+        ck = Checkpoint(int(state["step"]), local, json.loads((local / PROGRESS).read_text()), state)
         print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
         tracking.log_metrics({"resumed_from_step": ck.step})
         return ck
@@ -88,18 +99,14 @@ class Checkpoints:
     def keep(self, name: str, tensors: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         """Save once what the stage computed before its loop, so a resumed run (from a checkpoint or not) does not
         compute it again, and no checkpoint carries a copy of it."""
-        with storage.writing(storage.join(self.scratch, name), key=name) as w:
+        with storage.writing(storage.join(self.scratch, name), key=self.key) as w:
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(w.path(f"{name}.safetensors")))
             w.write_json(PROGRESS, facts)
 
     def kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """What `keep(name, ...)` saved in a killed run of this stage, if it got that far."""
-        art = storage.Artifact(storage.join(self.scratch, name))
-        if not art.exists():
+        art = self._ours(storage.join(self.scratch, name))
+        if art is None:
             return None
         local = art.local_dir()
         return load_file(str(local / f"{name}.safetensors")), json.loads((local / PROGRESS).read_text())
-
-    def clear(self) -> None:
-        """Drop the scratch of this run once its output is committed: a checkpoint only resumes this very run."""
-        storage.delete_tree(self.scratch)

@@ -151,7 +151,7 @@ def distill(ctx: StageContext) -> dict[str, float]:
     train = Conditions.of([rows[i] for i in sorted(pick.tolist())])
     held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
-    ckpts = Checkpoints(ctx.scratch_uri, dc.checkpoint_every, ctx.stage)
+    ckpts = Checkpoints(ctx, dc.checkpoint_every)
     kept = ckpts.kept("teacher")
     if kept:  # a killed run sampled the teacher already
         saved, metrics = kept
@@ -196,6 +196,5 @@ def distill(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "distilled-candidate", "sample_steps": dc.steps, "guidance": 1.0})
-    ckpts.clear()
     print_metrics(ctx.stage, metrics)
     return metrics | {"registered_version": float(version)}

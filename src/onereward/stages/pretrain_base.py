@@ -154,7 +154,7 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
     prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
-    ckpts = Checkpoints(ctx.scratch_uri, s.pretrain.checkpoint_every, ctx.stage)
+    ckpts = Checkpoints(ctx, s.pretrain.checkpoint_every)
     gen = train(s, ckpts, train_rows, [*prompts, s.generator.negative_prompt])
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows)
@@ -169,6 +169,5 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
                                  {"artifact_key": ctx.key})
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "base"})
-    ckpts.clear()
     print_metrics(ctx.stage, metrics)
     return {**metrics, "registered_version": float(version)}

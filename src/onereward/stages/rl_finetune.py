@@ -448,7 +448,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     base = load_generator(base_dir)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
     print("rl_finetune: base on held-out conditions " + json.dumps(val.base), flush=True)
-    ckpts = Checkpoints(ctx.scratch_uri, rc.checkpoint_every, ctx.stage)
+    ckpts = Checkpoints(ctx, rc.checkpoint_every)
     policy, prog = train(s, ckpts, base_dir, base, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
@@ -490,7 +490,6 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
                                  s.image_size, lineage)
     out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version,
                                      "alias": "rl-candidate"})
-    ckpts.clear()
     for t in audit_rows:
         print(f"rl_finetune: {task_summary(metrics, t)}", flush=True)
     return metrics | {"registered_version": float(version)}

@@ -373,7 +373,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     if not held or not train:
         raise ValueError(f"{stage}: {len(train)} training and {len(held)} held-out pairs; both must be > 0")
     cells = sorted({(x["task"], x["criterion"]) for x in rows})
-    ckpts = Checkpoints(ctx.scratch_uri, r.checkpoint_every, stage)
+    ckpts = Checkpoints(ctx, r.checkpoint_every)
     ck = ckpts.resume()
     judge = TinyJudge.load(ck.folder("judge")) if ck else TinyJudge.build(
         cells, sorted({p for p, _ in context.values()}), JudgeShape(arch=spec.arch), seed=s.seed)
@@ -405,7 +405,6 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     version = register_judge(out.dir / "judge", spec.model_name, alias, judge.shape.image_size,
                              {"artifact_key": ctx.key, "arch": spec.arch, "split_seed": str(spec.split_seed)})
     out.write_json("registry.json", {"name": spec.model_name, "version": version, "alias": alias})
-    ckpts.clear()
     prefix = "" if role == "judge" else "audit."
     return {f"{prefix}{k}": v for k, v in metrics.items()} | {"registered_version": float(version)}
 
