@@ -36,3 +36,13 @@ def test_a_checkpoint_resumes_only_the_configuration_that_saved_it(tmp_path, cap
     tensors, facts = again.kept("teacher")
     assert torch.equal(tensors["states"], torch.ones(2)) and facts == {"seconds": 1.0}
     assert "resuming from checkpoint at step 5" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_an_older_version_is_said_so_and_not_resumed_from(tmp_path, capsys):
+    """Before checkpoints carried the run's key they were committed with `step-N`: such a one is not resumed from,
+    and the message says why in those words."""
+    ours = Checkpoints(_ctx(tmp_path, "a" * 16), every=5)
+    with storage.writing(ours.uri, key="step-5", meta={"step": 5}) as w:
+        w.write_json("progress.json", {})
+    assert ours.resume() is None
+    assert "was left by an older version of onereward" in capsys.readouterr().out

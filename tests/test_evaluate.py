@@ -234,10 +234,13 @@ def test_the_champion_serves_an_image_per_task_and_refuses_malformed_requests(cr
 
 
 def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path, monkeypatch):
-    """Killed after a checkpoint, the same command goes on from it with the teacher's samples it saved (no new
-    trajectories) and ends with the student and held-out numbers of a run never killed. Inputs are the crowned
-    graph's; the runs register into their own home, so the crowned registry's aliases stay as they are."""
+    """Killed once the teacher's samples are kept (before any checkpoint), then again after a checkpoint, the same
+    command goes on with the samples the first run kept (no new trajectories) and from the checkpoint, and ends
+    with the student and held-out numbers of a run never killed. Inputs are the crowned graph's; the runs register
+    into their own home, so the crowned registry's aliases stay as they are."""
     import os
+    import signal
+    import subprocess
 
     monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
     overrides = [*SMALL, *FIRST, "distill.train_steps=12", "distill.checkpoint_every=2"]
@@ -248,7 +251,13 @@ def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path
     ckpt = f"{out}.scratch/checkpoint"
     cmd = stage_command("distill", step.inputs, {"student": out}, overrides)
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    # the stage's first commit is the kept samples: the fault point kills it right after their manifest
+    first = subprocess.run(cmd, env={**env, storage.FAULT_ENV: "commit.after_manifest"}, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL and "teacher trajectories" in first.stdout, first.stderr[-2000:]
+    assert storage.Artifact(f"{out}.scratch/teacher").exists() and not storage.Artifact(ckpt).exists()
+    killed_at, said = kill_after_checkpoint(cmd, env, ckpt)
+    assert "teacher trajectories" not in said and "the teacher's samples of the killed run" in said, said[-2000:]
     assert killed_at < 12 and not storage.Artifact(out).exists()
     # the teacher's samples are kept once beside the checkpoint, not in it
     assert storage.Artifact(f"{out}.scratch/teacher").exists()

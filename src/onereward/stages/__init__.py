@@ -56,13 +56,11 @@ class StageContext:
     key: str
     scratch_used: bool = False
 
-    @property
-    def scratch_uri(self) -> str:
-        """Where a stage keeps resumable state (checkpoints) beside its first output; the runner deletes it once
-        the outputs are committed, when the stage asked for it."""
+    def scratch(self) -> str:
+        """Where a stage keeps resumable state (checkpoints) beside its first output. A stage that asks for it has
+        the runner delete it once the outputs are committed; the others cost no storage call."""
         self.scratch_used = True
-        first = next(iter(self.outputs.values()))
-        return f"{first.uri}.scratch"
+        return f"{next(iter(self.outputs.values())).uri}.scratch"
 
 
 def print_metrics(stage: str, metrics: dict[str, float], digits: int = 4) -> None:

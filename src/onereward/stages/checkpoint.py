@@ -53,7 +53,8 @@ class Checkpoints:
     resumed from."""
 
     def __init__(self, ctx: StageContext, every: int):
-        self.scratch, self.uri = ctx.scratch_uri, storage.join(ctx.scratch_uri, "checkpoint")
+        self.scratch = ctx.scratch()
+        self.uri = storage.join(self.scratch, "checkpoint")
         self.every, self.stage, self.key = every, ctx.stage, ctx.key
 
     def due(self, step: int, total: int) -> bool:
@@ -68,30 +69,33 @@ class Checkpoints:
             for name, save in (folders or {}).items():
                 save(w.dir / name)
             for name, state in (tensors or {}).items():
-                save_file({k: v.detach().contiguous() for k, v in state.items()}, str(w.path(f"{name}.safetensors")))
+                _save_tensors(w, name, state)
             torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path(STATE))
             w.write_json(PROGRESS, progress or {})
 
-    def _ours(self, uri: str) -> storage.Artifact | None:
+    def _ours(self, uri: str) -> tuple[Path, dict[str, Any]] | None:
+        """The local files and progress JSON of what this run's configuration saved at `uri`, if anything."""
         art = storage.Artifact(uri)
         if not art.exists():
             return None
         if art.key != self.key:
-            print(f"{self.stage}: {uri} was left by another configuration (key {art.key}, this run's {self.key}): "
-                  "not resumed from", flush=True)
+            who = ("an older version of onereward (its checkpoints did not carry the run's key)"
+                   if art.key.startswith("step-") else f"another configuration (key {art.key}, this run's {self.key})")
+            print(f"{self.stage}: {uri} was left by {who}: not resumed from", flush=True)
             return None
-        return art
+        local = art.local_dir()
+        return local, json.loads((local / PROGRESS).read_text())
 
     def resume(self) -> Checkpoint | None:
         """The checkpoint a killed run of this stage left, if any (said on the stage's output and logged as
         `resumed_from_step`)."""
-        art = self._ours(self.uri)
-        if art is None:
+        found = self._ours(self.uri)
+        if found is None:
             tracking.log_metrics({"resumed_from_step": 0})
             return None
-        local = art.local_dir()
+        local, progress = found
         state = torch.load(local / STATE, weights_only=True)
-        ck = Checkpoint(int(state["step"]), local, json.loads((local / PROGRESS).read_text()), state)
+        ck = Checkpoint(int(state["step"]), local, progress, state)
         print(f"{self.stage}: resuming from checkpoint at step {ck.step} ({self.uri})", flush=True)
         tracking.log_metrics({"resumed_from_step": ck.step})
         return ck
@@ -100,13 +104,17 @@ class Checkpoints:
         """Save once what the stage computed before its loop, so a resumed run (from a checkpoint or not) does not
         compute it again, and no checkpoint carries a copy of it."""
         with storage.writing(storage.join(self.scratch, name), key=self.key) as w:
-            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(w.path(f"{name}.safetensors")))
+            _save_tensors(w, name, tensors)
             w.write_json(PROGRESS, facts)
 
     def kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """What `keep(name, ...)` saved in a killed run of this stage, if it got that far."""
-        art = self._ours(storage.join(self.scratch, name))
-        if art is None:
+        found = self._ours(storage.join(self.scratch, name))
+        if found is None:
             return None
-        local = art.local_dir()
-        return load_file(str(local / f"{name}.safetensors")), json.loads((local / PROGRESS).read_text())
+        local, facts = found
+        return load_file(str(local / f"{name}.safetensors")), facts
+
+
+def _save_tensors(w: storage.ArtifactWriter, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(w.path(f"{name}.safetensors")))
