@@ -21,6 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# make test runs two pytest-xdist workers on two cores: a torch of two threads in each oversubscribes them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Airflow reads its configuration at import: point it at a throwaway home and this repo's dags folder.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="airflow-home-")
