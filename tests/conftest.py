@@ -90,18 +90,32 @@ def _tracking_uri_as_it_was():
 
 
 @pytest.fixture(scope="session")
-def upstream_home(tmp_path_factory) -> Path:
+def upstream_home(tmp_path_factory, worker_id) -> Path:
     """Conditions, base and both judges at the reduced sizes of tests/sizes.py (UPSTREAM), trained once a session
-    for the modules that start from them; each takes its own copy (`copy_home`), so registries stay apart."""
+    for the modules that start from them; each takes its own copy (`copy_home`), so registries stay apart. Under
+    pytest-xdist the workers share one: the first to ask trains it under a file lock, the others wait and read it."""
+    from filelock import FileLock
     from homes import in_home
     from sizes import UPSTREAM
 
     from onereward.config import load_config
     from onereward.runner import run_pipeline
 
-    with in_home(tmp_path_factory.mktemp("upstream") / "home") as home:
-        run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
-    return home
+    def train(home: Path) -> Path:
+        shutil.rmtree(home, ignore_errors=True)  # what a worker that failed here left
+        with in_home(home):
+            run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
+        return home
+
+    if worker_id == "master":  # not distributed
+        return train(tmp_path_factory.mktemp("upstream") / "home")
+    shared = tmp_path_factory.getbasetemp().parent / "upstream"  # this session's, above every worker's folder
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "lock")):
+        if not (shared / "trained").exists():
+            train(shared / "home")
+            (shared / "trained").touch()
+    return shared / "home"
 
 
 SMALL = [
