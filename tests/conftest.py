@@ -90,7 +90,7 @@ def _tracking_uri_as_it_was():
 
 
 @pytest.fixture(scope="session")
-def upstream_home(tmp_path_factory, worker_id) -> Path:
+def upstream_home(tmp_path_factory) -> Path:
     """Conditions, base and both judges at the reduced sizes of tests/sizes.py (UPSTREAM), trained once a session
     for the modules that start from them; each takes its own copy (`copy_home`), so registries stay apart. Under
     pytest-xdist the workers share one: the first to ask trains it under a file lock, the others wait and read it."""
@@ -107,7 +107,7 @@ def upstream_home(tmp_path_factory, worker_id) -> Path:
             run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
         return home
 
-    if worker_id == "master":  # not distributed
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # not distributed (also with -p no:xdist)
         return train(tmp_path_factory.mktemp("upstream") / "home")
     shared = tmp_path_factory.getbasetemp().parent / "upstream"  # this session's, above every worker's folder
     shared.mkdir(exist_ok=True)
