@@ -107,15 +107,15 @@ def upstream_home(tmp_path_factory) -> Path:
             run_pipeline(load_config("tiny", UPSTREAM), until="train_audit_reward")
         return home
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # not distributed (also with -p no:xdist)
-        return train(tmp_path_factory.mktemp("upstream") / "home")
-    shared = tmp_path_factory.getbasetemp().parent / "upstream"  # this session's, above every worker's folder
-    shared.mkdir(exist_ok=True)
-    with FileLock(str(shared / "lock")):
-        if not (shared / "trained").exists():
-            train(shared / "home")
-            (shared / "trained").touch()
-    return shared / "home"
+    # a pytest-xdist worker's basetemp lies in the session's folder, which every worker shares
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "upstream"
+    root.mkdir(exist_ok=True)
+    with FileLock(str(root / "lock")):
+        if not (root / "trained").exists():
+            train(root / "home")
+            (root / "trained").touch()
+    return root / "home"
 
 
 SMALL = [

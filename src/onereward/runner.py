@@ -96,7 +96,7 @@ def execute_stage(
                 w.meta["run_id"] = tracking.active_run_id()
                 w.commit()
             if ctx.scratch_used:  # a checkpoint resumes only the run that left it, and that run is committed
-                storage.delete_tree(ctx.scratch())
+                storage.delete_tree(ctx.scratch_uri)
             seconds = time.perf_counter() - start
             tracking.log_metrics({**metrics, "stage_seconds": seconds})
     except BaseException:

@@ -56,11 +56,16 @@ class StageContext:
     key: str
     scratch_used: bool = False
 
-    def scratch(self) -> str:
-        """Where a stage keeps resumable state (checkpoints) beside its first output. A stage that asks for it has
-        the runner delete it once the outputs are committed; the others cost no storage call."""
-        self.scratch_used = True
+    @property
+    def scratch_uri(self) -> str:
+        """Where a stage keeps resumable state (checkpoints): beside its first output."""
         return f"{next(iter(self.outputs.values())).uri}.scratch"
+
+    def scratch(self) -> str:
+        """The scratch URI, for a stage that keeps state there: the runner deletes it once the outputs are
+        committed (a stage that never asks costs no storage call)."""
+        self.scratch_used = True
+        return self.scratch_uri
 
 
 def print_metrics(stage: str, metrics: dict[str, float], digits: int = 4) -> None:
