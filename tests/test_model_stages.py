@@ -106,6 +106,34 @@ def test_pretrain_resumes_after_sigkill(home, tmp_path):
                         storage.Artifact(unkilled).read_json("heldout_metrics.json"))
 
 
+class SpreadAroundTheTarget:
+    """A stand-in generator (no training needed): each sample is the image plus its seed's zero-mean noise inside
+    the mask, so one sample is further from the target than a flat fill while the mean of several is close."""
+
+    def sample(self, images, masks, prompts, steps, seed):
+        return images + torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * 0.8 * masks
+
+
+def test_the_base_gate_compares_the_mean_prediction_with_the_baselines():
+    import numpy as np
+
+    from onereward.data.images import to_png
+
+    stripes = np.where(np.arange(32) % 4 < 2, 204, 51).astype(np.uint8)  # +-0.6: a flat fill errs by 0.6
+    image = to_png(np.broadcast_to(stripes[None, :, None], (32, 32, 3)))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    rows = [{"image": image, "target": image, "mask": to_png(mask), "prompt": "", "task": "fill"}] * 8
+
+    metrics = {n: evaluate_generator(SpreadAroundTheTarget(), {"fill": rows}, 4, 0, 1, samples=n)[0] for n in (1, 4)}
+    for m in metrics.values():  # what a sample scores: ((0.8 / 2) ** 2) = 0.16 against the fill's (0.6 / 2) ** 2
+        assert m["heldout.fill.mse_mask"] == pytest.approx(0.16, rel=0.1)
+        assert m["heldout.fill.mse_mask_meanfill"] == pytest.approx(0.09, rel=0.05)
+    assert metrics[1]["heldout.fill.beats_baselines"] == 0.0
+    assert metrics[4]["heldout.fill.mean_prediction.mse_mask"] == pytest.approx(0.04, rel=0.15)
+    assert metrics[4]["heldout.fill.beats_baselines"] == 1.0
+
+
 def test_base_that_does_not_beat_the_baselines_is_not_registered(home, tmp_path):
     import mlflow
 
@@ -115,7 +143,8 @@ def test_base_that_does_not_beat_the_baselines_is_not_registered(home, tmp_path)
     s = load_config("tiny", [*SMALL_MODEL, "pretrain.steps=2", "pretrain.gate_tasks=[fill, text]"])
     run_pipeline(s, until="synthesize_masks")
     step = next(p for p in plan(s) if p.stage.name == "pretrain_base")
-    with pytest.raises(BaseGateFailed, match=r"fill: mse_mask .* is not lower than the baselines \(meanfill"):
+    with pytest.raises(BaseGateFailed,
+                       match=r"fill: mse_mask .* \(of the mean prediction\) is not lower than the baselines"):
         execute_stage(step.stage, s, step.inputs, step.outputs)
     assert not storage.Artifact(step.outputs["base_model"]).exists()
     tracking.setup("onereward")
