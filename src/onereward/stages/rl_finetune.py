@@ -25,7 +25,6 @@ whose best step is the base itself registers nothing and fails. Training resumes
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.judge import Query, TinyJudge
 from onereward.models.registry import register_generator
-from onereward.stages import GateFailed, StageContext
+from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoints
 from onereward.stages.label_preferences import MEASURES, Ground
 from onereward.stages.pretrain_base import load_conditions
@@ -447,7 +446,8 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     criteria = _criteria(s)
     base = load_generator(base_dir)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
-    print("rl_finetune: base on held-out conditions " + json.dumps(val.base), flush=True)
+    print(f"{ctx.stage}: the base on the held-out validation conditions:", flush=True)
+    print_metrics(ctx.stage, {f"base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()})
     ckpts = Checkpoints(ctx, rc.checkpoint_every)
     policy, prog = train(s, ckpts, base_dir, base, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
