@@ -110,8 +110,7 @@ class PretrainConfig(Strict):
     eval_conditions: int = Field(50, ge=1)  # held-out conditions per task for the baseline check
     eval_steps: int = Field(4, ge=1)
     # samples a held-out condition; the gate reads their mean, the base's estimate of the conditional mean, as
-    # the baselines are point estimates: one sample's in-mask error on removal moved 0.0277-0.0339 with its seed
-    # around the mean-colour fill's 0.0283, the mean of 4 samples read 0.0196 (AVX-512 BF16 Xeon, 2026-11-29)
+    # the baselines are point estimates and one sample carries the spread they do not (README: the base's gate)
     gate_samples: int = Field(4, ge=1)
     sample_grid_rows: int = Field(4, ge=1)
     threads: int = Field(0, ge=0)  # torch threads; 0 = leave torch's default

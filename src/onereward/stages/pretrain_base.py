@@ -1,6 +1,14 @@
 """pretrain_base: train the tiny base generator on conditions with known targets (all four tasks), check
 it against trivial baselines on held-out conditions, register it as `onereward-generator@base`.
 
+Inputs: `conditions` (synthesize_masks). Output: `base_model` — the generator (`model/`, safetensors),
+`heldout_metrics.json`, `samples/` (one sample a condition), `registry.json`.
+Config: `image_size`, `seed`, `generator`, `pretrain`, `tracking`.
+Metrics: `train_loss`, `lr`; per task `heldout.<task>.{bg_psnr,mse_mask,mask_corr}` (a sample's, averaged over
+`pretrain.gate_samples` samples) with the baselines' (`_meanfill`, `_masked_input`),
+`heldout.<task>.mean_prediction.{mse_mask,mask_corr}` (the mean of those samples, what the gate reads) and
+`heldout.<task>.beats_baselines`.
+
 The flux profile trains nothing here: it registers the external base checkpoint (`generator.base_uri`).
 Training resumes from the last checkpoint (kept under the stage's scratch URI) when killed.
 """
@@ -48,7 +56,7 @@ def evaluate_generator(gen: MaskedFlowGenerator, by_task: dict[str, list[dict]],
         b = tensors.batch_from_rows(rows)
         outs = [torch.cat([
             gen.sample(b["images"][i : i + 64], b["masks"][i : i + 64], b["prompts"][i : i + 64],
-                       steps=steps, seed=seed + i + j * 100_003)
+                       steps=steps, seed=seed + i + j * 100_003)  # a stride past any batch offset
             for i in range(0, len(rows), 64)
         ]) for j in range(samples)]
         per_sample = [tensors.mask_metrics(out, b["images"], b["masks"], b["targets"]) for out in outs]

@@ -9,7 +9,7 @@ Config: `seed`, `generator`, `labels` (the criteria of each task), `rl`.
 Metrics: `heldout.<task>.bg_psnr`, `heldout.<task>.mse_mask`, `heldout.<task>.measure` for the policy and the same
 prefixed `base.`; `audit.<task>.win_rate`, `audit.<task>.win_rate_low` (95 % bootstrap lower bound), the
 same by the training judge as `reward.<task>.*`; `train.reward`, `train.<task>.reward`, `train.<task>.loss`,
-`train.<task>.clamped`, `train.grad_norm`, `val.*` curves; `early_stopped`, `best_step`.
+`train.<task>.clamped`, `train.grad_norm`, `val.*` curves and the base's `val.base.*`; `early_stopped`, `best_step`.
 
 One step: each batch row draws a task by `rl.task_probs` and one of its criteria; the reference (the frozen
 base, or the policy's EMA) samples the condition from its own noise, all steps, without gradients; the policy
@@ -446,8 +446,9 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     criteria = _criteria(s)
     base = load_generator(base_dir)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
-    print(f"{ctx.stage}: the base on the held-out validation conditions:", flush=True)
-    print_metrics(ctx.stage, {f"base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()})
+    base_val = {f"val.base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()}  # beside val.* curves
+    tracking.log_metrics(base_val)
+    print_metrics(ctx.stage, base_val)
     ckpts = Checkpoints(ctx, rc.checkpoint_every)
     policy, prog = train(s, ckpts, base_dir, base, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
