@@ -125,7 +125,7 @@ PENDING = "onereward.stages.pending:not_implemented"  # the func of a stage decl
 
 
 GRAPH = Graph((
-    Stage(name="curate", outputs=(Output("curated"),), params=("image_size", "seed", "curate"),
+    Stage(name="curate", outputs=(Output("curated"),), params=("image_size", "seed", "curate"), version="2",
           description="ingest, decode, drop corrupt/duplicate/off-size/flat images; Parquet shards",
           fingerprint="onereward.stages.curate:source_fingerprint"),
     Stage(name="synthesize_masks", inputs=("curated",), outputs=(Output("conditions"),),

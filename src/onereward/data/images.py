@@ -16,8 +16,9 @@ class ImageRejected(ValueError):
         self.reason = reason
 
 
-def decode_guarded(data: bytes, name: str, *, min_side: int, max_pixels: int) -> Image.Image:
-    """Decode bytes into RGB, refusing empty, corrupt, tiny or decompression-bomb images."""
+def decode_guarded(data: bytes, name: str, *, min_side: int, max_pixels: int, reduce_to: int = 0) -> Image.Image:
+    """Decode bytes into RGB, refusing empty, corrupt, tiny or decompression-bomb images. With `reduce_to`, a
+    JPEG is decoded at the smallest DCT scale (1/2, 1/4 or 1/8) whose short side keeps `reduce_to` pixels."""
     if not data:
         raise ImageRejected("empty_file", f"{name} has zero bytes")
     try:
@@ -32,6 +33,9 @@ def decode_guarded(data: bytes, name: str, *, min_side: int, max_pixels: int) ->
         raise ImageRejected("too_large", f"{name} is {w}x{h} > {max_pixels} pixels")
     if min(w, h) < min_side:
         raise ImageRejected("undersized", f"{name} is {w}x{h}, below {min_side}px")
+    if reduce_to:
+        short = min(w, h)
+        im.draft(None, (-(-w * reduce_to // short), -(-h * reduce_to // short)))  # a no-op for other formats
     try:
         im.load()
         return im.convert("RGB")

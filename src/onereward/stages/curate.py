@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,16 +61,30 @@ def _read_guarded(uri: str, name: str) -> bytes:
         raise ImageRejected("missing", f"{name}: {e}") from None
 
 
+def _files(root: Path) -> list[tuple[str, bool]]:
+    """(path, is a symlink) of each file under root not named .*, in path order, from the directory entries
+    alone (a stat a file is slow on network and overlay filesystems); linked folders are not entered."""
+    found, todo = [], [str(root)]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                elif not e.name.startswith(".") and e.is_file():
+                    found.append((e.path, e.is_symlink()))
+    return sorted(found, key=lambda f: Path(f[0]))
+
+
 def _folder(src: FolderSource) -> Iterator[Item]:
     root = Path(src.path)
     if not root.is_dir():
         raise FileNotFoundError(f"curate: folder source {src.path!r} does not exist")
     real_root = root.resolve()
-    for p in sorted(x for x in root.rglob("*") if x.is_file() and not x.name.startswith(".")):
-        if not p.resolve().is_relative_to(real_root):  # a symlink pointing out of the source
-            yield "folder", str(p), _rejected("outside_source", f"{p} links outside {real_root}")
+    for p, link in _files(root):
+        if link and not Path(p).resolve().is_relative_to(real_root):
+            yield "folder", p, _rejected("outside_source", f"{p} links outside {real_root}")
             continue
-        yield "folder", str(p), partial(_read_guarded, str(p), str(p))
+        yield "folder", p, partial(_read_guarded, p, p)
 
 
 def _manifest(src: ManifestSource) -> Iterator[Item]:
@@ -108,7 +123,8 @@ def source_fingerprint(s: Settings) -> list:
         elif isinstance(src, FolderSource):
             root = Path(src.path)
             files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-            listing = "\n".join(f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+            stats = [(p, p.stat()) for p in files]
+            listing = "\n".join(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}" for p, st in stats)
             out.append(["folder", src.path, hashlib.sha256(listing.encode()).hexdigest()[:16]])
         elif isinstance(src, ManifestSource):
             # the manifest's own bytes: a new manifest (new URIs) is new data
@@ -150,7 +166,10 @@ def prepare(item: Item, s: Settings) -> Prepared:
                      "object_label": payload.object_label}
             origin = f"{origin}:{payload.recipe}"
         else:
-            im = decode_guarded(payload, origin, min_side=s.curate.min_side, max_pixels=s.curate.max_pixels)
+            # JPEGs decode at a reduced scale, at least twice the output side, so the resize still filters
+            # (measured at 256 -> 32 px: 2.5x faster, under 1/255 mean change, bench_data.py)
+            im = decode_guarded(payload, origin, min_side=s.curate.min_side, max_pixels=s.curate.max_pixels,
+                                reduce_to=2 * s.image_size)
             arr = np.asarray(center_square(im, s.image_size))
     except ImageRejected as e:
         return Prepared(source, origin, (e.reason, str(e)))

@@ -170,7 +170,8 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
         skipped.update(sk)
     # The input boundary, checked on the one decode the rows were made from; nothing is written before it.
     validate_curated(curated_rows, s, decodable)
-    validate_conditions(rows, s, expected_mix(curated_rows, s))
+    # each mask's coverage was measured on the pixels its PNG was just encoded from (lossless): no decode again
+    validate_conditions(rows, s, expected_mix(curated_rows, s), measured=[r["mask_coverage"] for r in rows])
     for i in range(0, len(rows), s.curate.shard_rows):
         ctx.outputs["conditions"].write_table(schema.table(rows[i : i + s.curate.shard_rows], schema.CONDITIONS))
     counts = Counter((r["task"], r["split"]) for r in rows)
@@ -202,14 +203,18 @@ def expected_mix(curated_rows: list[dict], s: Settings) -> dict[str, float]:
     return {t: v / max(len(curated_rows), 1) for t, v in totals.items()}
 
 
-def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | None = None) -> None:
+def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | None = None,
+                        measured: list[float | None] | None = None) -> None:
+    """The conditions suite and the task mix on `rows`; `measured` (each mask's coverage, None where it does
+    not decode) spares decoding masks a caller has just encoded."""
     cfg = s.masks
     df = pd.DataFrame([{k: v for k, v in r.items() if k not in ("image", "mask", "target")} for r in rows])
     if df.empty:
         df = pd.DataFrame(columns=[f.name for f in schema.CONDITIONS])
     df["image"] = [r["image"] for r in rows]
     df["mask"] = [r["mask"] for r in rows]
-    measured = [_measured_coverage(r) for r in rows]
+    if measured is None:
+        measured = [_measured_coverage(r) for r in rows]
     df["decodable"] = [m is not None for m in measured]
     df["measured_coverage"] = [m if m is not None else -1.0 for m in measured]
     df["coverage_as_declared"] = [m is not None and abs(m - float(r["mask_coverage"])) < 1e-4
