@@ -63,6 +63,23 @@ def test_keys_hold_every_input_that_changes_an_output(home):
     assert stage_key(no_fp, s, {"curated": "x"}) != stage_key(stage, s, {"curated": "x"})
 
 
+def test_a_checkpoint_cadence_is_not_part_of_any_key(home):
+    """How often a training stage saves changes nothing it makes: a new cadence neither reruns the stage nor
+    keeps a killed run from resuming its checkpoint. Its training settings still key it."""
+    base = _keys()
+    trained = {"pretrain": ["pretrain_base"], "reward": ["train_reward", "train_audit_reward"],
+               "rl": ["rl_finetune"], "distill": ["distill"]}
+    for section, stages in trained.items():
+        assert _keys(f"{section}.checkpoint_every=7") == base, section
+        lr = _keys(f"{section}.lr=0.123")
+        assert all(lr[name] != base[name] for name in stages), section
+    # MLflow and the artifact's meta still record the cadence a run used
+    from onereward.runner import stage_params
+
+    s = load_config("tiny", ["rl.checkpoint_every=7"])
+    assert stage_params(GRAPH.get("rl_finetune"), s)["rl"]["checkpoint_every"] == 7
+
+
 def test_task_mix_gate_fails_when_a_task_is_missing():
     mix = {"fill": 0.25, "extend": 0.25, "removal": 0.25, "text": 0.25}
     tasks = pd.Series(["fill"] * 14 + ["extend"] * 13 + ["text"] * 13)  # no removal in 40 rows

@@ -25,6 +25,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# json_schema_extra of a field that says how often a stage saves, not what it makes: left out of the stage keys,
+# so changing it neither reruns the stage nor stops a killed run from resuming from its checkpoint
+NOT_IN_KEY = {"in_key": False}
+
+
+def key_fields(model: BaseModel) -> dict[str, Any]:
+    """model_dump(mode="json") without the fields marked NOT_IN_KEY, at any depth."""
+    dumped = model.model_dump(mode="json")
+
+    def keep(m: BaseModel, d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for name, info in type(m).model_fields.items():
+            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("in_key") is False:
+                continue
+            value = getattr(m, name)
+            out[name] = keep(value, d[name]) if isinstance(value, BaseModel) else d[name]
+        return out
+
+    return keep(model, dumped)
+
+
 class ProceduralSource(Strict):
     kind: Literal["procedural"] = "procedural"
     count: int = Field(400, ge=1)
@@ -106,7 +127,7 @@ class PretrainConfig(Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)
     mask_loss_weight: float = Field(2.0, ge=1)  # loss weight inside the mask relative to outside
-    checkpoint_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(100, ge=1, json_schema_extra=NOT_IN_KEY)
     eval_conditions: int = Field(50, ge=1)  # held-out conditions per task for the baseline check
     eval_steps: int = Field(4, ge=1)
     # samples a held-out condition; the gate reads their mean, the base's estimate of the conditional mean, as
@@ -187,7 +208,8 @@ class RewardConfig(Strict):
     vision_warmup_steps: int = Field(0, ge=0)  # Bradley-Terry steps on the vision tower first (train_reward)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
     eval_every: int = Field(250, ge=1)
-    checkpoint_every: int = Field(250, ge=1)  # steps (warm-up and pairwise counted together); a killed run resumes
+    # steps (warm-up and pairwise counted together); a killed run resumes
+    checkpoint_every: int = Field(250, ge=1, json_schema_extra=NOT_IN_KEY)
     # held-out pairs scored for the accuracy curve every `eval_every` steps (every k-th pair, so all kinds and
     # cells stay in); the final metrics and the gate read all held-out pairs
     curve_pairs: int = Field(600, ge=1)
@@ -244,7 +266,7 @@ class RLConfig(Strict):
     grad_clip: float = Field(1.0, gt=0)
     autocast: Literal["auto", "bf16", "fp32"] = "fp32"
     threads: int = Field(0, ge=0)
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, json_schema_extra=NOT_IN_KEY)
     # ground-truth validation on held-out conditions: early stopping when the policy drifts off the data
     eval_every: int = Field(50, ge=1)
     eval_conditions: int = Field(24, ge=1)  # per task
@@ -292,7 +314,8 @@ class DistillConfig(Strict):
     background_weight: float = Field(4.0, ge=0)
     autocast: Literal["auto", "bf16", "fp32"] = "auto"  # the student's training passes
     threads: int = Field(0, ge=0)
-    checkpoint_every: int = Field(50, ge=1)  # training steps; a killed run resumes with the teacher's samples
+    # training steps; a killed run resumes with the teacher's samples
+    checkpoint_every: int = Field(50, ge=1, json_schema_extra=NOT_IN_KEY)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 
 from onereward import storage, tracking
-from onereward.config import Settings
+from onereward.config import Settings, key_fields
 from onereward.pipeline import GRAPH, PENDING, Graph, Stage
 from onereward.stages import GateFailed, StageContext, StageNotImplemented, StageSettings
 
@@ -40,7 +40,8 @@ def stage_params(stage: Stage, settings: Settings) -> dict[str, Any]:
 
 
 def stage_key(stage: Stage, settings: Settings, input_keys: dict[str, str]) -> str:
-    params = stage_params(stage, settings)
+    keyed = key_fields(settings)
+    params = {p: keyed[p] for p in stage.params}
     external = stage.external_fingerprint(settings)
     if external is not None:
         params = {**params, "_external": external}
