@@ -201,6 +201,28 @@ def test_bad_credentials_fail_at_once_and_write_nothing(small_settings, home, tm
         proc.wait(10)
 
 
+def test_a_folder_is_listed_in_path_order_without_hidden_files_or_linked_folders(tmp_path, monkeypatch):
+    """curate lists a folder source from directory entries: nested folders in path order, names as `root / name`
+    reads them (no "./" for the current folder), files named .* and broken or looping links left out, linked
+    folders not entered (as Path.rglob), linked files kept and flagged for the outside-the-root check."""
+    from pathlib import Path
+
+    from onereward.stages.curate import _files
+
+    d = tmp_path / "images"
+    for f in ("b-c.jpg", "a.jpg", "sub/x.jpg", ".hidden/y.jpg", ".h.jpg"):
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_bytes(b"x")
+    (d / "link.jpg").symlink_to(d / "a.jpg")
+    (d / "loop").symlink_to(d / "loop")
+    (d / "gone.jpg").symlink_to(d / "nowhere.jpg")
+    (d / "sublink").symlink_to(d / "sub")
+    want = [(".hidden/y.jpg", False), ("a.jpg", False), ("b-c.jpg", False), ("link.jpg", True), ("sub/x.jpg", False)]
+    assert _files(d) == [(str(d / p), link) for p, link in want]
+    monkeypatch.chdir(d)
+    assert _files(Path(".")) == want
+
+
 def test_folder_source_refuses_links_out_of_its_root(small_settings, tmp_path):
     d = tmp_path / "images"
     d.mkdir()
@@ -218,7 +240,7 @@ def test_folder_source_refuses_links_out_of_its_root(small_settings, tmp_path):
     assert str(secret) not in {r["origin"] for r in art.read_table().to_pylist()}
 
 
-def test_jpegs_decode_at_a_reduced_scale_to_the_same_pixels(tmp_path):
+def test_jpegs_decode_at_a_reduced_scale_to_the_same_pixels(small_settings, tmp_path):
     """curate decodes a JPEG at the smallest DCT scale that keeps twice the output side: the decode shrinks,
     the curated pixels stay those of a full decode (within JPEG's own rounding)."""
     from onereward.data import procedural
@@ -236,6 +258,13 @@ def test_jpegs_decode_at_a_reduced_scale_to_the_same_pixels(tmp_path):
     png = io.BytesIO()
     Image.fromarray(photo).save(png, format="PNG")  # other formats decode in full
     assert decode_guarded(png.getvalue(), "p.png", min_side=16, max_pixels=10**8, reduce_to=64).size == (384, 512)
+    # curate takes the reduced decode (twice the 32-px output side)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "p.jpg").write_bytes(buf.getvalue())
+    s = small_settings(f"curate.sources=[{{kind: folder, path: '{tmp_path / 'photos'}'}}]")
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(tmp_path / "curated")})
+    (row,) = storage.Artifact(str(tmp_path / "curated")).read_table().to_pylist()
+    assert np.array_equal(from_png(row["image"]), np.asarray(center_square(reduced, 32)))
 
 
 def test_unsupported_uri_scheme_and_nothing_kept_are_named(small_settings, tmp_path):
@@ -268,6 +297,31 @@ def test_failing_validation_names_rows_and_writes_nothing(small_settings, tmp_pa
         execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": bad}, {"conditions": str(out)})
     assert rows[3]["image_id"] in str(e.value) and "decodable" in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".staging-conditions-*"))
+
+
+def test_a_curated_background_of_another_size_fails_the_conditions_suite(small_settings, tmp_path):
+    """synthesize_masks measures its own rows on the arrays it encodes rather than decoding them again; a removal
+    target (the curated background) that is not at the image's size still fails the suite, by condition."""
+    s = small_settings("curate.sources=[{kind: procedural, count: 8}]", "masks.task_mix={removal: 1.0}",
+                       "masks.conditions_per_image=1")
+    cur = str(tmp_path / "curated")
+    execute_stage(GRAPH.get("curate"), s, {}, {"curated": cur})
+    rows = storage.Artifact(cur).read_table().to_pylist()
+    i = next(k for k, r in enumerate(rows) if r["object_mask"])
+    rows[i]["background"] = _png((16, 16), seed=5)
+    bad = str(tmp_path / "curated_bad")
+    from onereward.data import schema
+
+    with storage.writing(bad, key="bad") as w:
+        w.write_table(schema.table(rows, schema.CURATED))
+    out = tmp_path / "conditions"
+    with pytest.raises(DataValidationError) as e:
+        execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": bad}, {"conditions": str(out)})
+    assert f"{rows[i]['image_id']}-0" in str(e.value) and "decodable" in str(e.value)
+    assert not out.exists()
+    # the untouched artifact passes
+    execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": cur}, {"conditions": str(out)})
+    assert storage.Artifact(str(out)).exists()
 
 
 def test_empty_mask_fails_conditions_suite(small_settings):

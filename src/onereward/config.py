@@ -31,7 +31,8 @@ NOT_IN_KEY = {"in_key": False}
 
 
 def key_fields(model: BaseModel) -> dict[str, Any]:
-    """model_dump(mode="json") without the fields marked NOT_IN_KEY, at any depth."""
+    """model_dump(mode="json") without the fields marked NOT_IN_KEY, in the model and the models it holds
+    directly (a marked field of a model inside a list or dict would stay in: there is none)."""
     dumped = model.model_dump(mode="json")
 
     def keep(m: BaseModel, d: dict[str, Any]) -> dict[str, Any]:

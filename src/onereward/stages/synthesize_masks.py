@@ -124,14 +124,31 @@ def _split(image_id: str, heldout: float) -> str:
     return "heldout" if u < heldout else "train"
 
 
-def conditions_for(row: dict, img: np.ndarray, s: Settings) -> tuple[list[dict], Counter[str]]:
-    """The conditions of one curated row whose image decodes to `img`."""
+def _coverage_if_it_fits(mask: np.ndarray, target: np.ndarray | bytes | None, row: dict,
+                         img: np.ndarray) -> float | None:
+    """What the conditions suite measures on rows from elsewhere by decoding them (`_measured_coverage`), here on
+    the arrays the PNGs are encoded from: the mask's coverage, or None when the mask or a target other than the
+    image is not at the image's size (a curated object mask or background of another size) or does not decode."""
+    if mask.shape != img.shape[:2]:
+        return None
+    if isinstance(target, bytes) and target != row["image"]:
+        target = try_from_png(target)
+        if target is None:
+            return None
+    if isinstance(target, np.ndarray) and target.shape[:2] != img.shape[:2]:
+        return None
+    return float(mask.mean())
+
+
+def conditions_for(row: dict, img: np.ndarray, s: Settings) -> tuple[list[dict], Counter[str], list[float | None]]:
+    """The conditions of one curated row whose image decodes to `img`, and each one's coverage as the conditions
+    suite would measure it (`_coverage_if_it_fits`)."""
     cfg = s.masks
     rng = np.random.default_rng([s.seed, int(row["image_id"][:12], 16)])
     tasks = [t for t in TASKS if cfg.task_mix.get(t, 0) > 0]
     weights = np.array([cfg.task_mix[t] for t in tasks], dtype=float)
     split = _split(row["image_id"], cfg.heldout_fraction)
-    rows, skipped = [], Counter()
+    rows, skipped, measured = [], Counter(), []
     used: set[str] = set()
     for k in range(cfg.conditions_per_image):
         # One removal per image: its mask and target are fixed by the scene, a second would repeat it.
@@ -145,13 +162,14 @@ def conditions_for(row: dict, img: np.ndarray, s: Settings) -> tuple[list[dict],
             skipped[f"{task}_coverage_out_of_range"] += 1
             continue
         mask, prompt, target, params = made
+        measured.append(_coverage_if_it_fits(mask, target, row, img))
         rows.append({
             "condition_id": f"{row['image_id']}-{k}", "image_id": row["image_id"], "task": task,
             "image": row["image"], "mask": to_png(mask.astype(np.uint8) * 255), "prompt": prompt,
             "target": to_png(target) if isinstance(target, np.ndarray) else target,
             "mask_coverage": float(mask.mean()), "split": split, "params": json.dumps(params),
         })
-    return rows, skipped
+    return rows, skipped, measured
 
 
 def synthesize_masks(ctx: StageContext) -> dict[str, float]:
@@ -159,19 +177,20 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
     curated = ctx.inputs["curated"].read_table()
     schema.check_columns(curated, schema.CURATED, f"curated artifact {ctx.inputs['curated'].uri}")
     curated_rows = curated.to_pylist()
-    rows, skipped, decodable = [], Counter(), []
+    rows, skipped, decodable, measured = [], Counter(), [], []
     for r in track(curated_rows, description="synthesize_masks"):
         img = try_from_png(r["image"])
         decodable.append(img is not None)
         if img is None or not r["image_id"]:
             continue  # the curated suite below refuses the input
-        made, sk = conditions_for(r, img, s)
+        made, sk, cov = conditions_for(r, img, s)
         rows.extend(made)
         skipped.update(sk)
+        measured.extend(cov)
     # The input boundary, checked on the one decode the rows were made from; nothing is written before it.
     validate_curated(curated_rows, s, decodable)
-    # each mask's coverage was measured on the pixels its PNG was just encoded from (lossless): no decode again
-    validate_conditions(rows, s, expected_mix(curated_rows, s), measured=[r["mask_coverage"] for r in rows])
+    # measured on the arrays the PNGs were just encoded from (lossless): no decode of each mask again
+    validate_conditions(rows, s, expected_mix(curated_rows, s), measured)
     for i in range(0, len(rows), s.curate.shard_rows):
         ctx.outputs["conditions"].write_table(schema.table(rows[i : i + s.curate.shard_rows], schema.CONDITIONS))
     counts = Counter((r["task"], r["split"]) for r in rows)
