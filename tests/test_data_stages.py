@@ -284,19 +284,25 @@ def test_failing_validation_names_rows_and_writes_nothing(small_settings, tmp_pa
     s = small_settings("curate.sources=[{kind: procedural, count: 8}]")
     cur = str(tmp_path / "curated")
     execute_stage(GRAPH.get("curate"), s, {}, {"curated": cur})
-    # Corrupt one image in a copy of the curated artifact (a wrong upstream, a bad import).
     rows = storage.Artifact(cur).read_table().to_pylist()
     rows[3]["image"] = b"not a png"
-    bad = str(tmp_path / "curated_bad")
+    error = _masks_refuse_a_copy(s, rows, tmp_path)
+    assert rows[3]["image_id"] in error and "decodable" in error
+
+
+def _masks_refuse_a_copy(s, rows: list[dict], tmp_path) -> str:
+    """synthesize_masks on a copy of curated `rows` altered by the caller (a wrong upstream, a bad import): the
+    message it fails with; nothing of its output is left."""
     from onereward.data import schema
 
+    bad = str(tmp_path / "curated_bad")
     with storage.writing(bad, key="bad") as w:
         w.write_table(schema.table(rows, schema.CURATED))
     out = tmp_path / "conditions"
     with pytest.raises(DataValidationError) as e:
         execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": bad}, {"conditions": str(out)})
-    assert rows[3]["image_id"] in str(e.value) and "decodable" in str(e.value)
     assert not out.exists() and not list(tmp_path.glob(".staging-conditions-*"))
+    return str(e.value)
 
 
 def test_a_curated_background_of_another_size_fails_the_conditions_suite(small_settings, tmp_path):
@@ -309,19 +315,12 @@ def test_a_curated_background_of_another_size_fails_the_conditions_suite(small_s
     rows = storage.Artifact(cur).read_table().to_pylist()
     i = next(k for k, r in enumerate(rows) if r["object_mask"])
     rows[i]["background"] = _png((16, 16), seed=5)
-    bad = str(tmp_path / "curated_bad")
-    from onereward.data import schema
-
-    with storage.writing(bad, key="bad") as w:
-        w.write_table(schema.table(rows, schema.CURATED))
-    out = tmp_path / "conditions"
-    with pytest.raises(DataValidationError) as e:
-        execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": bad}, {"conditions": str(out)})
-    assert f"{rows[i]['image_id']}-0" in str(e.value) and "decodable" in str(e.value)
-    assert not out.exists()
+    error = _masks_refuse_a_copy(s, rows, tmp_path)
+    assert f"{rows[i]['image_id']}-0" in error and "decodable" in error
     # the untouched artifact passes
-    execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": cur}, {"conditions": str(out)})
-    assert storage.Artifact(str(out)).exists()
+    out = str(tmp_path / "conditions")
+    execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": cur}, {"conditions": out})
+    assert storage.Artifact(out).exists()
 
 
 def test_empty_mask_fails_conditions_suite(small_settings):
