@@ -81,6 +81,7 @@ def measure(work: Path, paths: list[Path], repeats: int, size: int) -> dict[str,
     from onereward.config import load_config
     from onereward.pipeline import GRAPH
     from onereward.runner import execute_stage
+    from onereward.stages.curate import DECODE_OVERSAMPLE
 
     folder = paths[0].parent
     s = load_config("tiny", [f"curate.sources=[{{kind: folder, path: '{folder}'}}]", "curate.dedup_hamming=0"])
@@ -89,7 +90,7 @@ def measure(work: Path, paths: list[Path], repeats: int, size: int) -> dict[str,
         label = "cold" if i == 0 else f"warm {i}"
         out = work / f"{folder.name}-run{i}"
         base = pure_decode_encode(paths, s.image_size)
-        reduced = pure_decode_encode(paths, s.image_size, reduce_to=2 * s.image_size)
+        reduced = pure_decode_encode(paths, s.image_size, reduce_to=DECODE_OVERSAMPLE * s.image_size)
         t = time.perf_counter()
         cur = execute_stage(GRAPH.get("curate"), s, {}, {"curated": str(out / "curated")})
         masks = execute_stage(GRAPH.get("synthesize_masks"), s, {"curated": str(out / "curated")},

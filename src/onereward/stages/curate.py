@@ -27,6 +27,9 @@ from onereward.stages import StageContext
 # drop). Loading is left to the workers (prepare), so reads and decodes of several images overlap.
 Item = tuple[str, str, Callable[[], bytes | procedural.Scene]]
 MAX_FILE_BYTES = 64 * 1024 * 1024
+# A JPEG decodes at a reduced DCT scale keeping this many times the output side, so the resize still filters
+# (256 -> 64 -> 32 px: decoding 2.5x faster, 0.77/255 mean change; README, Benchmarks)
+DECODE_OVERSAMPLE = 2
 
 
 def _rejected(reason: str, detail: str) -> Callable[[], NoReturn]:
@@ -174,10 +177,8 @@ def prepare(item: Item, s: Settings) -> Prepared:
                      "object_label": payload.object_label}
             origin = f"{origin}:{payload.recipe}"
         else:
-            # JPEGs decode at a reduced scale, at least twice the output side, so the resize still filters
-            # (256 -> 64 -> 32 px: decoding 2.5x faster, 0.77/255 mean change; README, Benchmarks)
             im = decode_guarded(payload, origin, min_side=s.curate.min_side, max_pixels=s.curate.max_pixels,
-                                reduce_to=2 * s.image_size)
+                                reduce_to=DECODE_OVERSAMPLE * s.image_size)
             arr = np.asarray(center_square(im, s.image_size))
     except ImageRejected as e:
         return Prepared(source, origin, (e.reason, str(e)))

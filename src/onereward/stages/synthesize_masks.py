@@ -125,17 +125,17 @@ def _split(image_id: str, heldout: float) -> str:
 
 
 def _coverage_if_it_fits(mask: np.ndarray, target: np.ndarray | bytes | None, row: dict,
-                         img: np.ndarray) -> float | None:
-    """What the conditions suite measures on rows from elsewhere by decoding them (`_measured_coverage`), here on
-    the arrays the PNGs are encoded from: the mask's coverage, or None when the mask or a target other than the
-    image is not at the image's size (a curated object mask or background of another size) or does not decode."""
-    if mask.shape != img.shape[:2]:
+                         size: tuple[int, ...]) -> float | None:
+    """The mask's coverage, or None when the mask or a target other than the image is not at the image's
+    (height, width) or does not decode. The stage calls it on the arrays it encodes; the conditions suite, on
+    rows from elsewhere, after decoding the mask (`_measured_coverage`)."""
+    if mask.shape != tuple(size):
         return None
     if isinstance(target, bytes) and target != row["image"]:
         target = try_from_png(target)
         if target is None:
             return None
-    if isinstance(target, np.ndarray) and target.shape[:2] != img.shape[:2]:
+    if isinstance(target, np.ndarray) and target.shape[:2] != tuple(size):
         return None
     return float(mask.mean())
 
@@ -162,7 +162,7 @@ def conditions_for(row: dict, img: np.ndarray, s: Settings) -> tuple[list[dict],
             skipped[f"{task}_coverage_out_of_range"] += 1
             continue
         mask, prompt, target, params = made
-        measured.append(_coverage_if_it_fits(mask, target, row, img))
+        measured.append(_coverage_if_it_fits(mask, target, row, img.shape[:2]))
         rows.append({
             "condition_id": f"{row['image_id']}-{k}", "image_id": row["image_id"], "task": task,
             "image": row["image"], "mask": to_png(mask.astype(np.uint8) * 255), "prompt": prompt,
@@ -249,13 +249,10 @@ def validate_conditions(rows: list[dict], s: Settings, mix: dict[str, float] | N
 
 
 def _measured_coverage(r: dict) -> float | None:
-    """Share of masked pixels of the decoded mask; None when the mask or the target does not decode at the
-    input's size (the input image itself passed the curated suite, so a target equal to it needs no decode)."""
+    """`_coverage_if_it_fits` on a row's decoded mask at the size of its image (the image itself passed the
+    curated suite); None where anything does not decode."""
     try:
         size = Image.open(io.BytesIO(r["image"])).size[::-1]
-        mask = from_png(r["mask"], "L")
-        if mask.shape != size or (r["target"] not in (None, r["image"]) and from_png(r["target"]).shape[:2] != size):
-            return None
-        return float((mask > 127).mean())
+        return _coverage_if_it_fits(from_png(r["mask"], "L") > 127, r["target"], r, size)
     except Exception:
         return None
