@@ -63,6 +63,22 @@ def test_keys_hold_every_input_that_changes_an_output(home):
     assert stage_key(no_fp, s, {"curated": "x"}) != stage_key(stage, s, {"curated": "x"})
 
 
+def test_asset_fingerprints_do_not_depend_on_where_the_assets_are_installed(tmp_path):
+    """The Latin font sits in the virtual environment: two checkouts (or container images) with the same assets
+    elsewhere on disk must key the data stages alike; another font must not."""
+    import shutil
+
+    from onereward.data.procedural import LATIN_FONT, asset_fingerprint
+
+    moved = tmp_path / "elsewhere" / LATIN_FONT.name
+    moved.parent.mkdir()
+    shutil.copy(LATIN_FONT, moved)
+    assert asset_fingerprint(str(moved), moved.parent) == asset_fingerprint(str(LATIN_FONT), LATIN_FONT.parent)
+    (tmp_path / LATIN_FONT.name).write_bytes(LATIN_FONT.read_bytes()[:-1])
+    assert asset_fingerprint(str(tmp_path / LATIN_FONT.name), tmp_path) != asset_fingerprint(str(moved), moved.parent)
+    assert asset_fingerprint(str(moved), tmp_path) != asset_fingerprint(str(moved), moved.parent)  # another name
+
+
 def test_a_checkpoint_cadence_is_not_part_of_any_key(home):
     """How often a training stage saves changes nothing it makes: a new cadence neither reruns the stage nor
     keeps a killed run from resuming its checkpoint. Its training settings still key it."""

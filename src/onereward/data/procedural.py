@@ -92,13 +92,15 @@ def cjk_font_path() -> str | None:
     return next((p for p in CJK_FONTS if Path(p).exists()), None)
 
 
-def asset_fingerprint(paths: tuple[str, ...] | str | None) -> str | None:
-    """Names and sizes of machine assets (fonts, clipart) that change what the data stages produce, hashed:
-    part of the stage keys, so installing or removing them is not served from cache."""
+def asset_fingerprint(paths: tuple[str, ...] | str | None, root: str | Path = "/") -> str | None:
+    """Names (relative to `root`) and sizes of machine assets (fonts, clipart) that change what the data stages
+    produce, hashed: part of the stage keys, so installing or removing them is not served from cache. Where
+    `root` is does not count: the Latin font lives in the virtual environment, and its path in the key gave every
+    checkout (or container image) its own keys for the same data."""
     if not paths:
         return None
     items = [paths] if isinstance(paths, str) else list(paths)
-    listing = "\n".join(f"{p}:{Path(p).stat().st_size}" for p in items)
+    listing = "\n".join(f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}" for p in items)
     return hashlib.sha256(listing.encode()).hexdigest()[:16]
 
 

@@ -206,7 +206,7 @@ def synthesize_masks(ctx: StageContext) -> dict[str, float]:
 def environment_fingerprint(s: Settings) -> dict[str, str | None]:
     """Fonts on this machine change the text rows (Chinese rows exist only with a CJK font)."""
     return {"cjk_font": procedural.asset_fingerprint(procedural.cjk_font_path()),
-            "latin_font": procedural.asset_fingerprint(str(procedural.LATIN_FONT))}
+            "latin_font": procedural.asset_fingerprint(str(procedural.LATIN_FONT), procedural.LATIN_FONT.parent)}
 
 
 def expected_mix(curated_rows: list[dict], s: Settings) -> dict[str, float]:
