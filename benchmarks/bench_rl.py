@@ -11,7 +11,6 @@ weights), on random 32x32 conditions; the step is `stages.rl_finetune.rl_step`, 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import subprocess
@@ -27,12 +26,14 @@ def setup(batch: int, reference: str):
     from onereward.config import TASKS, load_config
     from onereward.models.judge import JudgeShape, TinyJudge
     from onereward.models.tiny_unet import TinyUNetGenerator
-    from onereward.stages.rl_finetune import Conditions
+    from onereward.stages.rl_finetune import Conditions, WeightsView, trainable_state
 
     s = load_config("tiny", [f"rl.batch_size={batch}", f"rl.reference={reference}"])
     criteria = {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
     policy = TinyUNetGenerator.build(s.generator, [*PROMPTS.values(), ""], s.image_size, s.seed)
-    ref = copy.deepcopy(policy)  # base: a frozen copy; ema: the same copy, moved after each step
+    # as the stage: the reference is the policy's network with the base's weights swapped in (ema: their EMA)
+    state = trainable_state(policy)
+    ref = WeightsView(policy, state)
     judge = TinyJudge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), JudgeShape())
     judge.model.eval().requires_grad_(False)
     n, size = 64, s.image_size
@@ -45,13 +46,13 @@ def setup(batch: int, reference: str):
     train = Conditions([{}] * n, batch_, images * (1 - masks), {t: [i for i in range(n) if tasks[i] == t]
                                                                 for t in TASKS})
     opt = torch.optim.AdamW(list(policy.parameters()), lr=s.rl.lr, weight_decay=0.0, fused=True)
-    return s, policy, ref, judge, opt, train, criteria
+    return s, policy, ref, state, judge, opt, train, criteria
 
 
 def run(batch: int, steps: int, reference: str) -> tuple[dict[str, float], float]:
     from onereward.stages.rl_finetune import ema_update, rl_step
 
-    s, policy, ref, judge, opt, train, criteria = setup(batch, reference)
+    s, policy, ref, state, judge, opt, train, criteria = setup(batch, reference)
     rng = torch.Generator().manual_seed(0)
     phases: dict[str, float] = {}
     for step in range(steps + 2):
@@ -61,7 +62,7 @@ def run(batch: int, steps: int, reference: str) -> tuple[dict[str, float], float
         rl_step(policy, ref, judge, opt, train, s.rl, criteria, rng, 0, step, phases)
         if reference == "ema":
             t0 = time.perf_counter()
-            ema_update(ref, policy, s.rl.ema_decay)
+            ema_update(state, policy, s.rl.ema_decay)
             phases["ema update"] = phases.get("ema update", 0.0) + time.perf_counter() - t0
     return phases, (time.perf_counter() - start) / steps
 

@@ -13,6 +13,7 @@ from sizes import RL, UPSTREAM
 
 from onereward import storage
 from onereward.config import load_config
+from onereward.pipeline import GRAPH
 from onereward.runner import execute_stage, plan
 from onereward.stages.label_preferences import Ground
 from onereward.stages.rl_finetune import NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
@@ -122,12 +123,40 @@ def test_a_deliberately_high_learning_rate_is_stopped_and_not_registered(rl_home
     assert after == before  # rl-candidate did not move
 
 
-def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
+@pytest.fixture(scope="module")
+def flux_base(tmp_path_factory):
+    """A FluxFill checkpoint at toy width, laid out as `FluxFillPipeline.save_pretrained` writes the real one."""
+    from onereward.models.flux import FluxFillGenerator
+
+    path = tmp_path_factory.mktemp("flux") / "FLUX.1-Fill-toy"
+    FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
+    return path
+
+
+def _flux_step(overrides, flux_base, tmp_path):
+    """The flux profile at toy width on the tiny upstream's conditions and judges: its pretrain_base registers
+    the external base (a pointer to its URI), which rl_finetune trains a LoRA adapter on."""
+    flux = ["generator.kind=flux_fill", f"generator.base_uri={flux_base}", "generator.lora_rank=4",
+            "generator.dtype=float32"]
+    s = load_config("tiny", [*UPSTREAM, *overrides, *flux])
+    _, tiny = _step(overrides)
+    base_out = str(tmp_path / "base_model")
+    execute_stage(GRAPH.get("pretrain_base"), s, {"conditions": tiny.inputs["conditions"]}, {"base_model": base_out})
+    return s, [*overrides, *flux], {**tiny.inputs, "base_model": base_out}
+
+
+@pytest.mark.parametrize("profile", ["tiny", "flux"])
+def test_resumes_after_sigkill_to_the_unkilled_result(profile, rl_home, flux_base, tmp_path):
     overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]  # between validations (every 2): their rewards kept
-    s, step = _step(overrides)
+    if profile == "flux":
+        s, overrides, inputs = _flux_step(overrides, flux_base, tmp_path)
+    else:
+        s, step = _step(overrides)
+        inputs = step.inputs
+    stage = GRAPH.get("rl_finetune")
     out = str(tmp_path / "killed" / "policy")
     ckpt = f"{out}.scratch/checkpoint"
-    cmd = stage_command("rl_finetune", step.inputs, {"policy": out}, [*UPSTREAM, *overrides])
+    cmd = stage_command("rl_finetune", inputs, {"policy": out}, [*UPSTREAM, *overrides])
     env = {**os.environ, "ONEREWARD_HOME": str(rl_home)}
     killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
     assert killed_at < 12 and not storage.Artifact(out).exists()
@@ -136,7 +165,7 @@ def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
     assert resumed.exists() and not storage.Artifact(ckpt).exists()
 
     unkilled = str(tmp_path / "unkilled" / "policy")
-    execute_stage(step.stage, s, step.inputs, {"policy": unkilled})
+    execute_stage(stage, s, inputs, {"policy": unkilled})
     assert resumed.read_json("validation.json") == storage.Artifact(unkilled).read_json("validation.json")
     assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
     # the logged training curves (10-step means) too: the checkpoint keeps the steps since the last point
@@ -152,3 +181,43 @@ def test_resumes_after_sigkill_to_the_unkilled_result(rl_home, tmp_path):
     got, want = curve(out), curve(unkilled)
     assert [st for st, _ in got] == [st for st, _ in want] == [10, 12]
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
+
+
+def test_flux_trains_a_lora_adapter_against_the_judge_on_one_copy_of_the_base(rl_home, flux_base, tmp_path):
+    """The flux profile's rl_finetune at toy width on CPU: a LoRA adapter trained on one copy of the network (the
+    policy, the reference and the base are its weights swapped in), saved alone beside the base's URI."""
+    from safetensors.torch import load_file
+
+    from onereward.models.generator import load_generator
+    from onereward.stages.rl_finetune import WeightsView, trainable_state
+
+    s, _, inputs = _flux_step([*RL, "rl.reference=ema"], flux_base, tmp_path)
+    out = str(tmp_path / "policy")
+    m = execute_stage(GRAPH.get("rl_finetune"), s, inputs, {"policy": out}).metrics
+    assert m["steps_run"] == 8 or m["early_stopped"] == 1.0, m
+    assert all(np.isfinite(m[f"heldout.{t}.bg_psnr"]) for t in ("fill", "extend", "removal", "text"))
+
+    art = storage.Artifact(out)
+    assert sorted(art.files("model/")) == ["model/adapter.safetensors", "model/generator.json"]
+    meta = art.read_json("model/generator.json")
+    assert meta["base_uri"] == str(flux_base) and meta["lora_rank"] == 4 and meta["image_size"] == 32
+    adapter = load_file(str(art.local_dir() / "model" / "adapter.safetensors"))
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    trained = any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)
+    assert trained == (m["best_step"] > 0), m["best_step"]  # B starts at 0: the adapter starts as the base
+
+    base_dir = storage.Artifact(inputs["base_model"]).local_dir() / "model"
+    policy, base = load_generator(art.local_dir() / "model"), load_generator(base_dir)
+    assert base.weights_digest() == load_generator(base_dir).weights_digest()  # every load starts alike
+    assert (policy.weights_digest() == base.weights_digest()) == (m["best_step"] == 0)
+    frozen = {k: v for k, v in base.pipe.transformer.state_dict().items() if "lora" not in k}
+    assert all(torch.equal(v, policy.pipe.transformer.state_dict()[k]) for k, v in frozen.items())
+    # the base's weights swapped into the policy sample what the base samples, and are swapped out again
+    g = torch.Generator().manual_seed(0)
+    x, masks = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.zeros(4, 1, 32, 32)
+    masks[..., 8:24, 8:24] = 1
+    own = trainable_state(policy)
+    view = WeightsView(policy, trainable_state(base))
+    assert torch.equal(view.sample(x, masks, ["extend"] * 4, steps=2, seed=1),
+                       base.sample(x, masks, ["extend"] * 4, steps=2, seed=1))
+    assert all(torch.equal(v, trainable_state(policy)[k]) for k, v in own.items())

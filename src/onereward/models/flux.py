@@ -4,6 +4,9 @@ The production base is loaded from a URI (local folder or s3:// prefix laid out 
 repository, i.e. what `FluxFillPipeline.save_pretrained` writes) in bf16, optionally with a LoRA adapter
 (peft) on the transformer's attention projections. `build_toy` makes the same classes at toy width so the
 wiring is tested on CPU.
+
+A generator loaded from an external base with an adapter saves the adapter alone (`adapter.safetensors`, ~0.3 GB at
+rank 64) beside the base's URI, not the 12 B parameters it did not train; `load` fetches the base and applies it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from onereward.config import GeneratorConfig
 from onereward.models.generator import META, MaskedFlowGenerator
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+ADAPTER = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -49,19 +53,22 @@ FLUX_FILL_DEV = FluxShape(layers=19, single_layers=38, heads=24, head_dim=128, r
                           vae_channels=(128, 256, 512, 512), vae_layers=2, vae_groups=32)
 
 
-def write_pointer(path: Path, cfg: GeneratorConfig) -> None:
+def write_pointer(path: Path, cfg: GeneratorConfig, image_size: int) -> None:
     """A generator folder that names an external base instead of holding its weights."""
     path.mkdir(parents=True, exist_ok=True)
     (path / META).write_text(json.dumps({"kind": "flux_fill", "base_uri": cfg.base_uri, "dtype": cfg.dtype,
-                                         "lora_rank": cfg.lora_rank}))
+                                         "lora_rank": cfg.lora_rank, "image_size": image_size}))
 
 
 class FluxFillGenerator(MaskedFlowGenerator):
-    def __init__(self, pipe, image_size: int, guidance_embed: float = 30.0, max_sequence_length: int = 512):
+    def __init__(self, pipe, image_size: int, guidance_embed: float = 30.0, max_sequence_length: int = 512,
+                 base_uri: str | None = None, lora_rank: int = 0):
         from diffusers import FluxFillPipeline
 
         self.pipe = pipe
         self.image_size = image_size
+        self.base_uri = base_uri  # the external checkpoint the frozen weights came from (from_pretrained)
+        self.lora_rank = lora_rank
         self.guidance_embed = guidance_embed  # FLUX dev's distilled guidance input, not true CFG
         self.max_sequence_length = max_sequence_length
         self.vsf = pipe.vae_scale_factor
@@ -137,31 +144,80 @@ class FluxFillGenerator(MaskedFlowGenerator):
             local = storage.download_prefix(uri, home_dir() / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16])
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         pipe = FluxFillPipeline.from_pretrained(str(local), dtype=torch_dtype, local_files_only=True)
-        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
         if lora_rank:
             from peft import LoraConfig
 
             pipe.transformer.requires_grad_(False)
-            pipe.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
+            # the adapter starts as the base (B = 0) from a fixed A, made on the CPU: every load of the base is
+            # the same generator, so a resumed RL run and an unkilled one start alike, and digests compare
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                pipe.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                                        target_modules=LORA_TARGETS))
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         meta = local / META
         mseq = json.loads(meta.read_text()).get("max_sequence_length", 512) if meta.exists() else 512
-        return cls(pipe, image_size, max_sequence_length=mseq)
+        return cls(pipe, image_size, max_sequence_length=mseq, base_uri=uri, lora_rank=lora_rank)
 
     @classmethod
     def load(cls, path: str | Path) -> FluxFillGenerator:
-        meta = json.loads((Path(path) / META).read_text())
+        path = Path(path)
+        meta = json.loads((path / META).read_text())
         src = meta.get("base_uri") or str(path)
-        return cls.from_pretrained(src, meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
-                                   meta.get("lora_rank", 0))
+        gen = cls.from_pretrained(src, meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
+                                  meta.get("lora_rank", 0))
+        if meta.get("adapter"):
+            gen._load_adapter(path / meta["adapter"])
+        return gen
+
+    @property
+    def has_adapter(self) -> bool:
+        return bool(getattr(self.pipe.transformer, "_hf_peft_config_loaded", False))
+
+    def _load_adapter(self, file: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if not self.has_adapter:
+            raise ValueError(f"{file}: a LoRA adapter needs generator.lora_rank > 0 in its folder's {META}")
+        state = load_file(str(file), device=str(self.device))
+        result = set_peft_model_state_dict(self.pipe.transformer, state)
+        if result.unexpected_keys:
+            raise ValueError(f"{file}: adapter weights the transformer does not have: {result.unexpected_keys[:3]}")
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.pipe.transformer).items()}
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        self.pipe.save_pretrained(str(path), safe_serialization=True)
-        (path / META).write_text(json.dumps({"kind": "flux_fill", "image_size": self.image_size,
-                                             "dtype": str(self.dtype).removeprefix("torch."),
-                                             "max_sequence_length": self.max_sequence_length}))
+        meta = {"kind": "flux_fill", "image_size": self.image_size, "dtype": str(self.dtype).removeprefix("torch."),
+                "max_sequence_length": self.max_sequence_length}
+        if self.has_adapter:
+            if not self.base_uri:
+                raise ValueError("a LoRA adapter is saved beside its base's URI; this generator was not loaded "
+                                 "from one (FluxFillGenerator.from_pretrained)")
+            from safetensors.torch import save_file
+
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(self.adapter_state(), str(path / ADAPTER))
+            meta |= {"base_uri": self.base_uri, "lora_rank": self.lora_rank, "adapter": ADAPTER}
+        else:
+            self.pipe.save_pretrained(str(path), safe_serialization=True)
+        (path / META).write_text(json.dumps(meta))
+
+    def weights_digest(self) -> str:
+        """With an adapter on an external base: the base's URI and the adapter (not 12 B frozen weights)."""
+        if not (self.has_adapter and self.base_uri):
+            return super().weights_digest()
+        h = hashlib.sha256(self.base_uri.encode())
+        for name, v in sorted(self.adapter_state().items()):
+            h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     # --- the generator interface -------------------------------------------------------------------
     def _latents(self, images: torch.Tensor) -> torch.Tensor:

@@ -151,10 +151,11 @@ def _register_external(ctx: StageContext) -> dict[str, float]:
     out = ctx.outputs["base_model"]
     from onereward.models.flux import write_pointer
 
-    write_pointer(out.dir / "model", s.generator)
-    register_generator(out.dir / "model", s.tracking.generator_model_name, "base", s.image_size,
-                       {"source": s.generator.base_uri})
-    return {"registered_external": 1.0}
+    write_pointer(out.dir / "model", s.generator, s.image_size)
+    version = register_generator(out.dir / "model", s.tracking.generator_model_name, "base", s.image_size,
+                                 {"source": s.generator.base_uri})
+    out.write_json("registry.json", {"name": s.tracking.generator_model_name, "version": version, "alias": "base"})
+    return {"registered_external": 1.0, "registered_version": float(version)}
 
 
 def pretrain_base(ctx: StageContext) -> dict[str, float]:

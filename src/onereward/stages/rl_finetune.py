@@ -21,6 +21,10 @@ Ground truth first: every `rl.eval_every` steps the policy samples held-out cond
 background PSNR falls more than `rl.max_bg_psnr_drop` dB below the base's, or its in-mask error rises more
 than `rl.max_mask_error_rise`, the run stops there (reward hacking) and the best validated step is kept. A run
 whose best step is the base itself registers nothing and fails. Training resumes from the last checkpoint.
+
+One network: the reference and the base are the policy's network with their trainable weights swapped in
+(`WeightsView`). On flux the trainable weights are a LoRA adapter (`generator.lora_rank`), saved alone beside the
+base's URI.
 """
 
 from __future__ import annotations
@@ -204,10 +208,33 @@ def load_trainable_state(gen: MaskedFlowGenerator, state: dict[str, torch.Tensor
                     p.copy_(state[f"{i}.{name}"])
 
 
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @torch.no_grad()
-def ema_update(ema: MaskedFlowGenerator, policy: MaskedFlowGenerator, decay: float) -> None:
-    for pe, pp in zip(ema.parameters(), policy.parameters(), strict=True):
-        pe.lerp_(pp, 1 - decay)
+def ema_update(ema: dict[str, torch.Tensor], policy: MaskedFlowGenerator, decay: float) -> None:
+    for i, m in enumerate(policy.trainable_modules()):
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                ema[f"{i}.{name}"].lerp_(p, 1 - decay)
+
+
+class WeightsView:
+    """The policy's network sampled with other values of its trainable weights (the base's, or their EMA), put
+    in place for the call and taken out after it. One copy of the network serves the policy, the reference and
+    the base: FLUX's transformer is 12 B parameters, and under LoRA the trainable weights are the adapter."""
+
+    def __init__(self, gen: MaskedFlowGenerator, state: dict[str, torch.Tensor]):
+        self.gen, self.state = gen, state
+
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        own = trainable_state(self.gen)
+        load_trainable_state(self.gen, self.state)
+        try:
+            return self.gen.sample(*args, **kwargs)
+        finally:
+            load_trainable_state(self.gen, own)
 
 
 @dataclass
@@ -334,22 +361,29 @@ def _criteria(s) -> dict[str, list[str]]:
     return {t: list(getattr(s.labels.criteria, t)) for t in TASKS}
 
 
-def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, train_c: Conditions,
-          val: Validation, judge: TinyJudge) -> tuple[MaskedFlowGenerator, RunState]:
+def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_state: dict[str, torch.Tensor],
+          train_c: Conditions, val: Validation, judge: TinyJudge) -> RunState:
+    """Trains `policy` (the base's weights, `base_state`, at step 0) in place and leaves it at the best
+    validated step."""
     rc = s.rl
     criteria = _criteria(s)
     ck = ckpts.resume()
-    policy = load_generator(ck.folder("policy") if ck else base_dir)
+    if ck and ck.tensors("policy") is None:  # an older onereward saved the policy as a model folder
+        print(f"rl_finetune: the checkpoint at step {ck.step} is of an older layout: starting over", flush=True)
+        ck = None
+    if ck:
+        load_trainable_state(policy, ck.tensors("policy"))
     best = ck.tensors("best") if ck else trainable_state(policy)
     # the rewards since the last validation go into its record, and the logged curves are 10-step means: a
     # checkpoint between the two keeps what they have gathered
     since_eval: list[float] = ck.progress.pop("since_eval", []) if ck else []
     window: dict[str, list[float]] = defaultdict(list, ck.progress.pop("window", {}) if ck else {})
     prog = RunState(**ck.progress) if ck else RunState()
-    # the reference: the frozen base itself, or (ema) a copy of it moved towards the policy after each step
-    reference = load_generator(base_dir) if rc.reference == "ema" else base
-    if ck and (ema_state := ck.tensors("ema")) is not None:
-        load_trainable_state(reference, ema_state)
+    # the reference: the frozen base, or (ema) the base's weights moved towards the policy's after each step
+    ema = {k: v.clone() for k, v in base_state.items()} if rc.reference == "ema" else None
+    if ck and ema is not None:
+        ema = {k: v.to(policy.device) for k, v in ck.tensors("ema").items()}
+    reference = WeightsView(policy, ema if ema is not None else base_state)
     opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0, fused=True)
     rng, start = torch.Generator().manual_seed(s.seed), 0
     if ck:
@@ -361,8 +395,8 @@ def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, 
         step = start
         while step < rc.steps and prog.stopped_at is None:
             out = rl_step(policy, reference, judge, opt, train_c, rc, criteria, rng, s.seed, step)
-            if rc.reference == "ema":
-                ema_update(reference, policy, rc.ema_decay)
+            if ema is not None:
+                ema_update(ema, policy, rc.ema_decay)
             step += 1
             bar.advance(task_bar)
             for t, r, lo, cl in zip(out["tasks"], out["reward"], out["loss"], out["clamped"], strict=True):
@@ -384,13 +418,13 @@ def train(s: Settings, ckpts: Checkpoints, base_dir, base: MaskedFlowGenerator, 
                 if prog.best_step == step:
                     best = trainable_state(policy)
             if ckpts.due(step, rc.steps) and prog.stopped_at is None:
-                ema = {"ema": trainable_state(reference)} if rc.reference == "ema" else {}
-                ckpts.save(step, opt, rng, folders={"policy": policy.save}, tensors={"best": best, **ema},
+                kept = {"policy": trainable_state(policy), "best": best} | ({"ema": ema} if ema is not None else {})
+                ckpts.save(step, opt, rng, tensors=kept,
                            progress={**prog.__dict__, "since_eval": since_eval, "window": window})
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"train_seconds": seconds, "seconds_per_step": seconds / max(step - start, 1)})
     load_trainable_state(policy, best)
-    return policy, prog
+    return prog
 
 
 def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, prog: RunState, reward: float
@@ -428,8 +462,9 @@ def _validate_step(policy, val: Validation, rc: RLConfig, seed: int, step: int, 
 def rl_finetune(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     rc = s.rl
-    if s.generator.kind != "tiny_unet":
-        raise NotImplementedError("rl_finetune: the flux profile's RL loop (accelerate, LoRA) is not built yet")
+    if s.generator.kind == "flux_fill" and not s.generator.lora_rank:
+        raise ValueError("rl_finetune: the flux profile trains a LoRA adapter (generator.lora_rank > 0); full "
+                         "fine-tuning of the 12 B transformer is not supported")
     if rc.threads:
         torch.set_num_threads(rc.threads)
     conditions = ctx.inputs["conditions"]
@@ -444,13 +479,15 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     base_dir = ctx.inputs["base_model"].local_dir() / "model"
     judge, audit = _load_judge(ctx.inputs["reward_model"]), _load_judge(ctx.inputs["audit_model"])
     criteria = _criteria(s)
-    base = load_generator(base_dir)
+    policy = load_generator(base_dir)
+    base_state = trainable_state(policy)
+    base = WeightsView(policy, base_state)
     val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
     base_val = {f"val.base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()}  # beside val.* curves
     tracking.log_metrics(base_val)
     print_metrics(ctx.stage, base_val)
     ckpts = Checkpoints(ctx, rc.checkpoint_every)
-    policy, prog = train(s, ckpts, base_dir, base, Conditions.of(train_rows), val, judge)
+    prog = train(s, ckpts, policy, base_state, Conditions.of(train_rows), val, judge)
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
         raise NoImprovement(
@@ -464,7 +501,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     metrics: dict[str, float] = {"early_stopped": float(prog.stopped_at is not None),
                                  "best_step": float(prog.best_step), "steps_run": float(prog.stopped_at or rc.steps)}
     out = ctx.outputs["policy"]
-    unchanged = policy.weights_digest() == base.weights_digest()
+    unchanged = same_state(trainable_state(policy), base_state)
     for t, c in audit_rows.items():
         bas = rl_samples(base, c, rc, s.seed + 7)
         # a policy with the base's weights (it kept step 0) samples the same images from the same noise
