@@ -63,6 +63,28 @@ def test_kfp_compiles_one_task_per_stage_with_gpu_settings(tmp_path):
     assert spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"] == "configs/flux.yaml"
 
 
+def test_a_data_parallel_stage_on_several_gpus_runs_one_process_per_gpu(tmp_path, kubeconfig):
+    """rl_finetune given 4 GPUs in the graph: its KFP container and its Airflow pod start `accelerate launch` with
+    4 processes; every other stage, and rl_finetune on one GPU (the graph as shipped), runs `onereward` itself."""
+    from dataclasses import replace
+
+    from onereward.orchestration.airflow_dag import build_dag
+
+    four = Graph(tuple(replace(s, resources=replace(s.resources, gpu=4)) if s.name == "rl_finetune" else s
+                       for s in GRAPH))
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m", "onereward"]
+    assert contract.entrypoint(GRAPH.get("rl_finetune")) == ["onereward"]
+    spec, _ = _compile(tmp_path, four)
+    for s in four:
+        ex = spec["deploymentSpec"]["executors"][f"exec-{s.name.replace('_', '-')}"]["container"]
+        assert ex["command"] == (launch if s.name == "rl_finetune" else ["onereward"]), s.name
+    dag = build_dag(four, mode="kubernetes", config="flux", dag_id="dp_check")
+    rl = dag.get_task("rl_finetune").build_pod_request_obj().spec.containers[0]
+    assert rl.command == launch and rl.args[:2] == ["stage", "rl_finetune"]
+    assert rl.resources.limits["nvidia.com/gpu"] == "4"
+    assert dag.get_task("distill").build_pod_request_obj().spec.containers[0].command == ["onereward"]
+
+
 def test_kfp_caching_is_off_exactly_for_fingerprinted_stages_and_retries_follow_the_graph(tmp_path):
     spec, _ = _compile(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
@@ -138,14 +160,20 @@ def _pairs(args: list[str], flag: str) -> dict[str, str]:
     return dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == flag)
 
 
-def test_kubernetes_mode_builds_gpu_pod_specs(monkeypatch, tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+@pytest.fixture
+def kubeconfig(monkeypatch, tmp_path):
+    """A kube-config naming a cluster nobody answers at: the pod builder reads one, the tests call no cluster."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
         "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
         "users": [{"name": "u", "user": {"token": "x"}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    return path
+
+
+def test_kubernetes_mode_builds_gpu_pod_specs(kubeconfig):
     from onereward.orchestration.airflow_dag import PLAN_RETRY, build_dag
 
     dag = build_dag(mode="kubernetes", config="flux", overrides=["seed=3"], dag_id="k8s_check")

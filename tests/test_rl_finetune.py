@@ -221,3 +221,44 @@ def test_flux_trains_a_lora_adapter_against_the_judge_on_one_copy_of_the_base(rl
     assert torch.equal(view.sample(x, masks, ["extend"] * 4, steps=2, seed=1),
                        base.sample(x, masks, ["extend"] * 4, steps=2, seed=1))
     assert all(torch.equal(v, trainable_state(policy)[k]) for k, v in own.items())
+
+
+def test_two_processes_train_one_policy_data_parallel(rl_home, tmp_path):
+    """`torchrun --standalone --nproc_per_node 2` (what `accelerate launch` starts on a GPU node), gloo on the
+    CPU: both processes train, one MLflow run and one registered version come out. Process 0 draws the rows a
+    single process draws, so the logged gradient norms differ from a single process's only through process 1's
+    gradients averaged in; the stage itself fails if the processes end with different weights."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    s, step = _step(RL)
+    out = str(tmp_path / "dp" / "policy")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", *stage_command("rl_finetune", step.inputs,
+                                                                               {"policy": out}, [*UPSTREAM, *RL])[1:]]
+    env = {**os.environ, "ONEREWARD_HOME": str(rl_home), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
+    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
+    art = storage.Artifact(out)
+    assert art.exists() and art.read_json("validation.json")["evals"]
+
+    single = str(tmp_path / "single" / "policy")
+    execute_stage(step.stage, s, step.inputs, {"policy": single})
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("onereward").experiment_id
+
+    def grad_norms(uri: str) -> list[float]:
+        runs = client.search_runs([exp], f"tags.`output.policy` = '{uri}'")
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+        return [m.value for m in client.get_metric_history(runs[0].info.run_id, "train.grad_norm")]
+
+    two, one = grad_norms(out), grad_norms(single)
+    assert len(two) == len(one) and two != pytest.approx(one, rel=1e-6), (two, one)
+    versions = {str(v.version) for v in client.search_model_versions("name='onereward-generator'")}
+    assert art.read_json("registry.json")["version"] in versions

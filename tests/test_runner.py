@@ -113,3 +113,23 @@ def test_a_stopped_runner_stops_its_children_and_their_runs_end_killed(home):
     client = mlflow.MlflowClient()
     assert {client.get_run(runs[n].info.run_id).info.status for n in ("left", "right")} == {"KILLED"}
     assert not list(home.rglob("half.json")) and not list(home.rglob(".staging-*"))
+
+
+def test_only_a_data_parallel_stage_runs_as_a_worker_process(home, monkeypatch):
+    """Launched as process 1 of 2 (accelerate / torchrun), a stage the graph does not declare data-parallel
+    refuses before any work, writes nothing and starts no MLflow run; rl_finetune is the one declared."""
+    from onereward import distributed
+    from onereward.pipeline import GRAPH
+    from onereward.runner import execute_stage
+
+    assert [s.name for s in GRAPH if s.data_parallel] == ["rl_finetune"]
+    monkeypatch.setattr(distributed, "workers", lambda: distributed.Workers(rank=1, world=2))
+    s = load_config("tiny")
+    source = _graph().get("source")
+    out = str(home / "artifacts" / "source")
+    with pytest.raises(ValueError, match="runs in one process; this is process 1 of 2"):
+        execute_stage(source, s, {}, {"seed": out})
+    assert not storage.Artifact(out).exists()
+    tracking.setup("onereward")
+    client = mlflow.MlflowClient()
+    assert not client.search_runs([client.get_experiment_by_name("onereward").experiment_id])

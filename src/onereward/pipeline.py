@@ -56,6 +56,8 @@ class Stage:
     # "module:function" of Settings -> JSON-able fingerprint of external inputs (e.g. a source folder's
     # listing), so that new data under an unchanged configuration is not mistaken for cached work
     fingerprint: str | None = None
+    # runs as the processes `accelerate launch` starts (onereward.distributed); the others run in one process
+    data_parallel: bool = False
 
     def __post_init__(self) -> None:
         if not self.func:
@@ -151,7 +153,7 @@ GRAPH = Graph((
           description="a second judge (other architecture and split) to catch reward hacking; same gate"),
     Stage(name="rl_finetune", inputs=("conditions", "base_model", "reward_model", "audit_model"),
           outputs=(Output("policy", "Model"),), params=("seed", "image_size", "generator", "labels", "rl", "tracking"),
-          resources=GPU,
+          resources=GPU, data_parallel=True,
           description="OneReward multi-task RL against the judge; ground-truth early stopping; register"),
     Stage(name="distill", inputs=("conditions", "policy"), outputs=(Output("student", "Model"),),
           params=("seed", "image_size", "generator", "distill", "tracking"), resources=GPU,

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from onereward import storage, tracking
+from onereward import distributed, storage, tracking
 from onereward.config import Settings, key_fields
 from onereward.pipeline import GRAPH, PENDING, Graph, Stage
 from onereward.stages import GateFailed, StageContext, StageNotImplemented, StageSettings
@@ -77,13 +77,17 @@ def execute_stage(
     out_arts = {k: storage.Artifact(u) for k, u in outputs.items()}
     if not force and outputs_current(out_arts.values(), key):
         return StageOutcome(stage.name, "cached", key, dict(outputs))
+    workers = distributed.workers()
+    if not workers.main:
+        return _beside_the_main_process(stage, settings, in_arts, out_arts, key, workers)
 
     for uri in outputs.values():
         storage.clean_stale_staging(uri)
     params = stage_params(stage, settings)
     meta = {"stage": stage.name, "version": stage.version, "inputs": inputs, "params": params}
     writers = {k: storage.ArtifactWriter(u, key, meta) for k, u in outputs.items()}
-    ctx = StageContext(stage.name, StageSettings(settings, stage.name, stage.params), in_arts, writers, key)
+    ctx = StageContext(stage.name, StageSettings(settings, stage.name, stage.params), in_arts, writers, key,
+                       workers=workers)
     start = time.perf_counter()
     try:
         with tracking.stage_run(settings.tracking.experiment, stage.name, params, inputs, outputs):
@@ -105,6 +109,20 @@ def execute_stage(
             w.abort()
         raise
     return StageOutcome(stage.name, "done", key, dict(outputs), metrics, seconds)
+
+
+def _beside_the_main_process(stage: Stage, settings: Settings, inputs: dict[str, storage.Artifact],
+                             outputs: dict[str, storage.Artifact], key: str, workers: distributed.Workers
+                             ) -> StageOutcome:
+    """A data-parallel worker's share of a stage run: it trains beside the main process, which alone tracks,
+    writes and commits; its context holds the outputs' addresses, not writers."""
+    if not stage.data_parallel:
+        raise ValueError(f"stage {stage.name!r} runs in one process; this is process {workers.rank} of "
+                         f"{workers.world} (launch it without accelerate)")
+    ctx = StageContext(stage.name, StageSettings(settings, stage.name, stage.params), inputs, outputs, key,
+                       workers=workers)
+    metrics = stage.load()(ctx) or {}
+    return StageOutcome(stage.name, "worker", key, {k: a.uri for k, a in outputs.items()}, metrics)
 
 
 @dataclass

@@ -213,6 +213,10 @@ class TinyJudge:
     def parameters(self):
         return self.model.parameters()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _row(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids (L,), 3D rope positions (3, L)) of one unpadded query, cached: transformers derives the
         positions with a Python loop over rows and images on every call, a ninth of a judge training step on

@@ -74,7 +74,7 @@ def _stage_callable(stage_name: str, config: str, overrides: list[str]):
 
 
 def _pod_operator(task_id: str, args: list[str], resources: Resources, retry: RetryPolicy, settings: Settings,
-                  image: str, namespace: str, *, xcom: bool = False):
+                  image: str, namespace: str, *, xcom: bool = False, cmds: tuple[str, ...] = ("onereward",)):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
@@ -94,7 +94,7 @@ def _pod_operator(task_id: str, args: list[str], resources: Resources, retry: Re
         name=f"onereward-{task_id.replace('_', '-')}",
         namespace=namespace,
         image=image,
-        cmds=["onereward"],
+        cmds=list(cmds),
         arguments=args,
         container_resources=requirements,
         node_selector=contract.node_selector(res, bool(gpu)),
@@ -165,7 +165,8 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
         for s in graph:
             if mode == "kubernetes":
                 op = _pod_operator(s.name, _stage_args(s, config, overrides), s.resources, s.retry, settings,
-                                   gpu_image if s.resources.gpu else image, namespace)
+                                   gpu_image if s.resources.gpu else image, namespace,
+                                   cmds=tuple(contract.entrypoint(s)))
             else:
                 op = PythonOperator(task_id=s.name, python_callable=_stage_callable(s.name, config, overrides),
                                     **retry_args(s.retry))

@@ -5,6 +5,7 @@ tests/test_deploy_contract.py checks the compiled pipeline and the pods against 
 from __future__ import annotations
 
 from onereward.config import Resources
+from onereward.pipeline import Stage
 
 SERVICE_ACCOUNT = "onereward"
 
@@ -32,3 +33,13 @@ def node_selector(resources: Resources, gpu: bool) -> dict[str, str]:
 
 def gpu_toleration(resources: Resources) -> dict[str, str]:
     return {"key": resources.toleration_key, "operator": GPU_TOLERATION_OPERATOR, "effect": GPU_TOLERATION_EFFECT}
+
+
+def entrypoint(stage: Stage) -> list[str]:
+    """The container command a stage's pod runs: `onereward`, or for a data-parallel stage given more than one
+    GPU, one process per GPU of it under `accelerate launch` (onereward.distributed: the main process tracks and
+    writes, the others train beside it)."""
+    gpus = stage.resources.gpu
+    if stage.data_parallel and gpus > 1:
+        return ["accelerate", "launch", "--multi_gpu", "--num_processes", str(gpus), "-m", "onereward"]
+    return ["onereward"]

@@ -32,7 +32,7 @@ def component_spec(stage: Stage, graph: Graph, image: str) -> dict[str, Any]:
         "inputs": [{"name": "config", "type": "String"}, {"name": "overrides", "type": "String"},
                    *({"name": n, "type": KFP_TYPES[graph.output_kind(n)]} for n in stage.inputs)],
         "outputs": [{"name": o.name, "type": KFP_TYPES[o.kind]} for o in stage.outputs],
-        "implementation": {"container": {"image": image, "command": ["onereward"], "args": args}},
+        "implementation": {"container": {"image": image, "command": contract.entrypoint(stage), "args": args}},
     }
 
 

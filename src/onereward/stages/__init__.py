@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from onereward.config import Settings
+from onereward.distributed import Workers
 from onereward.storage import Artifact, ArtifactWriter
 
 
@@ -52,9 +53,11 @@ class StageContext:
     stage: str
     settings: StageSettings | Settings
     inputs: dict[str, Artifact]
-    outputs: dict[str, ArtifactWriter]
+    # writers; on a data-parallel worker (not `workers.main`) the outputs' addresses only: it writes nothing
+    outputs: dict[str, ArtifactWriter] | dict[str, Artifact]
     key: str
     scratch_used: bool = False
+    workers: Workers = field(default_factory=Workers)
 
     @property
     def scratch_uri(self) -> str:

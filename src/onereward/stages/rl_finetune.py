@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from rich.progress import Progress
 from onereward import storage, tracking
 from onereward.config import TASKS, RLConfig, Settings
 from onereward.data.images import to_png
+from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.judge import Query, TinyJudge
@@ -50,6 +51,7 @@ from onereward.stages.label_preferences import MEASURES, Ground
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.train_reward import square_symmetry
 
+RANK_SEED = 7919  # data-parallel process r draws its rows and noise from seed + RANK_SEED * r
 # Each task's own ground-truth measure (lower is better): what RL must move without being trained on it.
 TASK_MEASURE = {"fill": "alignment", "extend": "consistency", "removal": "residue", "text": "text_correctness"}
 
@@ -96,11 +98,11 @@ class Conditions:
             by_task[r["task"]].append(i)
         return cls(rows, b, tensors.masked_input(b["images"], b["masks"]), dict(by_task))
 
-    def take(self, idx: list[int]) -> dict:
+    def take(self, idx: list[int], device: torch.device | str = "cpu") -> dict:
         b = self.batch
-        return {"images": b["images"][idx], "masks": b["masks"][idx], "targets": b["targets"][idx],
-                "prompts": [b["prompts"][i] for i in idx], "tasks": [b["tasks"][i] for i in idx],
-                "context": self.context[idx]}
+        return {"images": b["images"][idx].to(device), "masks": b["masks"][idx].to(device),
+                "targets": b["targets"][idx].to(device), "prompts": [b["prompts"][i] for i in idx],
+                "tasks": [b["tasks"][i] for i in idx], "context": self.context[idx].to(device)}
 
 
 def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, list[dict]]:
@@ -129,16 +131,21 @@ def draw_rows(train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], r
 
 def p_policy_better(judge: TinyJudge, policy_img: torch.Tensor, ref_img: torch.Tensor, q: Query
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """P(policy better) asked both ways: (policy, reference) -> Yes, (reference, policy) -> No."""
-    first, reverse = judge.p_yes_both_orders(policy_img, ref_img, q)
+    """P(policy better) asked both ways: (policy, reference) -> Yes, (reference, policy) -> No; on the judge's
+    device (the policy's image keeps its gradient)."""
+    dev = judge.device
+    q = replace(q, context=None if q.context is None else q.context.to(dev))
+    first, reverse = judge.p_yes_both_orders(policy_img.to(dev), ref_img.to(dev), q)
     return first, 1 - reverse
 
 
-def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: TinyJudge, opt, train: Conditions,
-            rc: RLConfig, criteria: dict[str, list[str]], rng: torch.Generator, seed: int, step: int,
-            phases: dict[str, float] | None = None) -> dict[str, torch.Tensor | list[str]]:
+def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator | WeightsView, judge: TinyJudge, opt,
+            train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], rng: torch.Generator, seed: int,
+            step: int, phases: dict[str, float] | None = None, workers: Workers = ONE_PROCESS
+            ) -> dict[str, torch.Tensor | list[str]]:
     """One optimizer step; `phases` (if given) accumulates seconds of reference sampling, policy rollout,
-    reward scoring and backward (what benchmarks/bench_rl.py reports)."""
+    reward scoring and backward (what benchmarks/bench_rl.py reports). With several `workers` each draws its own
+    rows (its `rng` and `seed`) and the gradients are averaged over them before the step."""
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -149,7 +156,7 @@ def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: 
             clock = now
 
     idx, crit = draw_rows(train, rc, criteria, rng)
-    b = train.take(idx)
+    b = train.take(idx, policy.device)
     n = len(idx)
     ref_img = reference.sample(b["images"], b["masks"], b["prompts"], steps=rc.sample_steps, guidance=rc.guidance,
                                seed=noise_seeds(seed, step, n, 0))
@@ -186,6 +193,7 @@ def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator, judge: 
     lap("reward")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    workers.average_gradients(policy.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(list(policy.parameters()), rc.grad_clip)
     opt.step()
     lap("backward")
@@ -258,8 +266,9 @@ def sample_rows(gen: MaskedFlowGenerator, c: Conditions, steps: int, guidance: f
                       for i in range(0, len(c.rows), 64)])
 
 
-def rl_samples(gen: MaskedFlowGenerator, c: Conditions, rc: RLConfig, seed: int) -> torch.Tensor:
-    return sample_rows(gen, c, rc.sample_steps, rc.guidance, list(range(seed, seed + len(c.rows))))
+def rl_samples(gen: MaskedFlowGenerator | WeightsView, c: Conditions, rc: RLConfig, seed: int) -> torch.Tensor:
+    """The samples on the CPU, beside the conditions' ground truth."""
+    return sample_rows(gen, c, rc.sample_steps, rc.guidance, list(range(seed, seed + len(c.rows)))).cpu()
 
 
 def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
@@ -350,9 +359,9 @@ def sample_grid(c: Conditions, outputs: list[torch.Tensor], rows: int) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _load_judge(art: storage.Artifact) -> TinyJudge:
+def _load_judge(art: storage.Artifact, device: torch.device | str = "cpu") -> TinyJudge:
     judge = TinyJudge.load(art.local_dir() / "judge")
-    judge.model.eval()
+    judge.model.to(device).eval()
     judge.model.requires_grad_(False)
     return judge
 
@@ -362,10 +371,13 @@ def _criteria(s) -> dict[str, list[str]]:
 
 
 def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_state: dict[str, torch.Tensor],
-          train_c: Conditions, val: Validation, judge: TinyJudge) -> RunState:
+          train_c: Conditions, val: Validation | None, judge: TinyJudge, workers: Workers = ONE_PROCESS) -> RunState:
     """Trains `policy` (the base's weights, `base_state`, at step 0) in place and leaves it at the best
-    validated step."""
+    validated step. With several `workers` each draws its own rows and noise, and the main process alone
+    validates (`val`; the others get None and its verdict), logs and checkpoints."""
     rc = s.rl
+    # process r draws from seed + RANK_SEED * r: the main process draws what a single process does
+    seed = s.seed + RANK_SEED * workers.rank
     criteria = _criteria(s)
     ck = ckpts.resume()
     if ck and ck.tensors("policy") is None:  # an older onereward saved the policy as a model folder
@@ -385,45 +397,57 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
         ema = {k: v.to(policy.device) for k, v in ck.tensors("ema").items()}
     reference = WeightsView(policy, ema if ema is not None else base_state)
     opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0, fused=True)
-    rng, start = torch.Generator().manual_seed(s.seed), 0
+    rng, start = torch.Generator().manual_seed(seed), 0
     if ck:
         ck.restore(opt, rng)
         start = ck.step
+        if workers.world > 1:  # each process goes on with its own draws
+            rng.set_state(ck.tensors("ranks_rng")[str(workers.rank)])
     t0 = time.perf_counter()
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not workers.main) as bar:
         task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
         step = start
         while step < rc.steps and prog.stopped_at is None:
-            out = rl_step(policy, reference, judge, opt, train_c, rc, criteria, rng, s.seed, step)
+            out = rl_step(policy, reference, judge, opt, train_c, rc, criteria, rng, seed, step, workers=workers)
             if ema is not None:
                 ema_update(ema, policy, rc.ema_decay)
             step += 1
             bar.advance(task_bar)
-            for t, r, lo, cl in zip(out["tasks"], out["reward"], out["loss"], out["clamped"], strict=True):
-                window[f"train.{t}.reward"].append(float(r))
-                window[f"train.{t}.loss"].append(float(lo))
-                window[f"train.{t}.clamped"].append(float(cl))
-            window["train.reward"] += out["reward"].tolist()
-            since_eval += out["reward"].tolist()
+            rows = [r for rank in workers.gather(list(zip(out["tasks"], out["reward"].tolist(), out["loss"].tolist(),
+                                                          out["clamped"].tolist(), strict=True))) for r in rank]
+            for t, r, lo, cl in rows:
+                window[f"train.{t}.reward"].append(r)
+                window[f"train.{t}.loss"].append(lo)
+                window[f"train.{t}.clamped"].append(cl)
+            window["train.reward"] += [r for _, r, _, _ in rows]
+            since_eval += [r for _, r, _, _ in rows]
             window["train.grad_norm"].append(float(out["grad_norm"]))
             if step % 10 == 0 or step == rc.steps:
                 tracking.log_metrics({k: float(np.mean(v)) for k, v in window.items()}, step=step)
-                if not bar.console.is_terminal and step % 50 == 0:
+                if workers.main and not bar.console.is_terminal and step % 50 == 0:
                     print(f"rl_finetune: step {step}/{rc.steps} reward {np.mean(window['train.reward']):.3f}",
                           flush=True)
                 window.clear()
             if step % rc.eval_every == 0 or step == rc.steps:
-                _validate_step(policy, val, rc, s.seed, step, prog, float(np.mean(since_eval)))
+                if workers.main:
+                    _validate_step(policy, val, rc, s.seed, step, prog, float(np.mean(since_eval)))
+                prog = workers.from_main(prog)
                 since_eval.clear()
                 if prog.best_step == step:
                     best = trainable_state(policy)
             if ckpts.due(step, rc.steps) and prog.stopped_at is None:
-                kept = {"policy": trainable_state(policy), "best": best} | ({"ema": ema} if ema is not None else {})
-                ckpts.save(step, opt, rng, tensors=kept,
-                           progress={**prog.__dict__, "since_eval": since_eval, "window": window})
+                rngs = workers.gather(rng.get_state())
+                if workers.main:
+                    kept = {"policy": trainable_state(policy), "best": best} | (
+                        {"ema": ema} if ema is not None else {}) | (
+                        {"ranks_rng": {str(r): g for r, g in enumerate(rngs)}} if workers.world > 1 else {})
+                    ckpts.save(step, opt, rng, tensors=kept,
+                               progress={**prog.__dict__, "since_eval": since_eval, "window": window})
     seconds = time.perf_counter() - t0
     tracking.log_metrics({"train_seconds": seconds, "seconds_per_step": seconds / max(step - start, 1)})
     load_trainable_state(policy, best)
+    if workers.world > 1 and len(set(workers.gather(policy.weights_digest()))) > 1:
+        raise RuntimeError("rl_finetune: the data-parallel processes ended with different weights")
     return prog
 
 
@@ -477,17 +501,23 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     if missing:
         raise ValueError(f"rl_finetune: no held-out conditions with a target for tasks {missing}")
     base_dir = ctx.inputs["base_model"].local_dir() / "model"
-    judge, audit = _load_judge(ctx.inputs["reward_model"]), _load_judge(ctx.inputs["audit_model"])
     criteria = _criteria(s)
     policy = load_generator(base_dir)
+    judge = _load_judge(ctx.inputs["reward_model"], policy.device)
     base_state = trainable_state(policy)
     base = WeightsView(policy, base_state)
-    val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
-    base_val = {f"val.base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()}  # beside val.* curves
-    tracking.log_metrics(base_val)
-    print_metrics(ctx.stage, base_val)
+    workers = ctx.workers
+    val, audit = None, None
+    if workers.main:  # the main process validates; the others train beside it
+        audit = _load_judge(ctx.inputs["audit_model"], policy.device)
+        val = Validation(sets, *validate(base, sets, rc, s.seed), audit, criteria)
+        base_val = {f"val.base.{t}.{k}": v for t, m in val.base.items() for k, v in m.items()}  # beside val.*
+        tracking.log_metrics(base_val)
+        print_metrics(ctx.stage, base_val)
     ckpts = Checkpoints(ctx, rc.checkpoint_every)
-    prog = train(s, ckpts, policy, base_state, Conditions.of(train_rows), val, judge)
+    prog = train(s, ckpts, policy, base_state, Conditions.of(train_rows), val, judge, workers)
+    if not workers.main:
+        return {}
     if prog.best_step == 0 and rc.require_improvement:
         last = prog.evals[-1] if prog.evals else {}
         raise NoImprovement(
