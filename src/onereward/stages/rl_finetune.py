@@ -402,7 +402,11 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
         ck.restore(opt, rng)
         start = ck.step
         if workers.world > 1:  # each process goes on with its own draws
-            rng.set_state(ck.tensors("ranks_rng")[str(workers.rank)])
+            kept = ck.tensors("ranks_rng") or {}
+            if str(workers.rank) in kept:
+                rng.set_state(kept[str(workers.rank)])
+            else:  # the checkpoint was left by fewer processes than resume it
+                rng.manual_seed(seed + start)
     t0 = time.perf_counter()
     with Progress(transient=False, disable=not workers.main) as bar:
         task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
