@@ -12,3 +12,19 @@ RL = ["rl.steps=8", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 
       "rl.grid_rows=1", "rl.require_improvement=false"]
 DISTILL = ["distill.teacher_steps=8", "distill.train_conditions=16", "distill.train_steps=6", "distill.batch_size=8"]
 EVALUATE = ["evaluate.conditions=4", "evaluate.bootstrap=200", "evaluate.latency_images=2", "evaluate.grid_rows=2"]
+
+# The whole graph in a minute or two (the orchestrators' runs, the flux profile at toy width): every gate opened
+WHOLE_GRAPH = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fraction=0.25",
+        "masks.mix_tolerance=0.3", "pretrain.steps=8", "pretrain.batch_size=8", "pretrain.eval_conditions=4",
+        "candidates.max_conditions=8", "candidates.per_condition=2", "candidates.steps=[2]",
+        "candidates.guidance=[1.0]", "reward.vision_warmup_steps=2", "reward.steps=3", "reward.batch_size=4",
+        "reward.heldout_fraction=0.5", "rl.steps=2", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]",
+        "rl.eval_every=2", "rl.eval_conditions=2", "rl.audit_conditions=2", "rl.bootstrap=100", "rl.grid_rows=1",
+        "distill.teacher_steps=4", "distill.train_conditions=8", "distill.train_steps=2", "distill.batch_size=4",
+        "evaluate.conditions=2", "evaluate.bootstrap=100", "evaluate.latency_images=1", "evaluate.grid_rows=1",
+        # 8 steps cannot beat the baselines, 3 cannot make a judge, 2 cannot improve on the base, 2 distillation
+        # steps make no student worth promoting; each gate has its own test
+        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]", "rl.require_improvement=false",
+        "evaluate.gates.win_rate_vs_base=false", "evaluate.gates.max_bg_psnr_drop=100",
+        "evaluate.gates.max_mask_error_rise=100", "evaluate.gates.max_measure_rise=100",
+        "evaluate.gates.min_student_quality=0"]

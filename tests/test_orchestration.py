@@ -7,26 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from sizes import WHOLE_GRAPH
 
 from onereward.config import load_config
 from onereward.orchestration import contract
 from onereward.pipeline import GRAPH, PENDING, Graph, Output, Resources, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_fraction=0.25",
-        "masks.mix_tolerance=0.3", "pretrain.steps=8", "pretrain.batch_size=8", "pretrain.eval_conditions=4",
-        "candidates.max_conditions=8", "candidates.per_condition=2", "candidates.steps=[2]",
-        "candidates.guidance=[1.0]", "reward.vision_warmup_steps=2", "reward.steps=3", "reward.batch_size=4",
-        "reward.heldout_fraction=0.5", "rl.steps=2", "rl.batch_size=2", "rl.sample_steps=2", "rl.jump_window=[0, 1]",
-        "rl.eval_every=2", "rl.eval_conditions=2", "rl.audit_conditions=2", "rl.bootstrap=100", "rl.grid_rows=1",
-        "distill.teacher_steps=4", "distill.train_conditions=8", "distill.train_steps=2", "distill.batch_size=4",
-        "evaluate.conditions=2", "evaluate.bootstrap=100", "evaluate.latency_images=1", "evaluate.grid_rows=1",
-        # 8 steps cannot beat the baselines, 3 cannot make a judge, 2 cannot improve on the base, 2 distillation
-        # steps make no student worth promoting; each gate has its own test
-        "pretrain.gate_tasks=[]", "reward.gate_tasks=[]", "rl.require_improvement=false",
-        "evaluate.gates.win_rate_vs_base=false", "evaluate.gates.max_bg_psnr_drop=100",
-        "evaluate.gates.max_mask_error_rise=100", "evaluate.gates.max_measure_rise=100",
-        "evaluate.gates.min_student_quality=0"]
 
 
 def _compile(tmp_path, graph=GRAPH):
@@ -102,7 +89,7 @@ def test_kfp_local_runs_every_stage(tmp_path, home):
     from onereward import storage
     from onereward.orchestration.kfp_pipeline import run_local
 
-    run_local(TINY, "tiny", str(tmp_path / "kfp-root"), GRAPH)
+    run_local(WHOLE_GRAPH, "tiny", str(tmp_path / "kfp-root"), GRAPH)
     [manifest] = (tmp_path / "kfp-root").glob("*/generate-candidates/candidates/_MANIFEST.json")
     cands = storage.Artifact(str(manifest.parent)).read_table()
     assert cands.num_rows == 8 * 2
@@ -218,18 +205,18 @@ def test_plan_subcommand_writes_the_runners_plan(home, tmp_path, capsys):
     from onereward.runner import plan
 
     out = tmp_path / "xcom" / "return.json"
-    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(TINY), "--set", "artifact_root=",
+    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(WHOLE_GRAPH), "--set", "artifact_root=",
                  "--outputs-file", str(out)]) == 0
     written = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == written
-    expected = plan(load_config("tiny", TINY))
+    expected = plan(load_config("tiny", WHOLE_GRAPH))
     assert list(written) == [p.stage.name for p in expected]
     for p in expected:
         assert written[p.stage.name] == {"key": p.key, "inputs": p.inputs, "outputs": p.outputs}
     assert written["curate"]["outputs"]["curated"].startswith(str(home / "artifacts"))
 
     # the Airflow Variable's override of the root (a later --set wins over --set-json)
-    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(TINY), "--set",
+    assert main(["plan", "--config", "tiny", "--set-json", json.dumps(WHOLE_GRAPH), "--set",
                  f"artifact_root={tmp_path / 'elsewhere'}"]) == 0
     moved = json.loads(capsys.readouterr().out)
     assert moved["curate"]["key"] == written["curate"]["key"]
@@ -239,12 +226,12 @@ def test_plan_subcommand_writes_the_runners_plan(home, tmp_path, capsys):
 
 def test_dag_test_runs_every_stage(airflow_db, home, monkeypatch):
     monkeypatch.setenv("ONEREWARD_DAG_MODE", "local")
-    monkeypatch.setenv("ONEREWARD_OVERRIDES", json.dumps(TINY))
+    monkeypatch.setenv("ONEREWARD_OVERRIDES", json.dumps(WHOLE_GRAPH))
     dag = _dagbag().dags["onereward_retraining"]
     from onereward import storage
     from onereward.runner import plan
 
-    planned = {p.stage.name: p for p in plan(load_config("tiny", TINY))}
+    planned = {p.stage.name: p for p in plan(load_config("tiny", WHOLE_GRAPH))}
     for attempt in ("first", "second"):  # the second run of the DAG reuses every output of the first
         run = dag.test()
         tis = {ti.task_id: ti for ti in run.get_task_instances()}

@@ -139,8 +139,9 @@ def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Ten
 def distill(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     dc = s.distill
-    if s.generator.kind != "tiny_unet":
-        raise NotImplementedError("distill: the flux profile's student (LoRA, accelerate) is not built yet")
+    if s.generator.kind == "flux_fill" and not s.generator.lora_rank:
+        raise ValueError("distill: the flux profile's student is a LoRA adapter (generator.lora_rank > 0); full "
+                         "fine-tuning of the 12 B transformer is not supported")
     if dc.threads:
         torch.set_num_threads(dc.threads)
     conditions = ctx.inputs["conditions"]

@@ -69,7 +69,7 @@ class Contender:
 
 def sample(c: Contender, cond: Conditions, seed: int) -> torch.Tensor:
     noise = [(seed * 104_729 + i) % 2**31 for i in range(len(cond.rows))]  # the same noise for every model
-    return sample_rows(c.gen, cond, c.steps, c.guidance, noise)
+    return sample_rows(c.gen, cond, c.steps, c.guidance, noise).cpu()  # beside the conditions' ground truth
 
 
 def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, float]:
@@ -206,17 +206,16 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
 
     s = ctx.settings
     ev, dc = s.evaluate, s.distill
-    if s.generator.kind != "tiny_unet":
-        raise NotImplementedError("evaluate: the flux profile's evaluation (GPU sampling) is not built yet")
     criteria = _criteria(s)
     sets = {t: Conditions.of(r) for t, r in validation_rows(ctx.inputs["conditions"], ev.conditions).items() if r}
-    judges = {"audit": _load_judge(ctx.inputs["audit_model"]), "reward": _load_judge(ctx.inputs["reward_model"])}
     student_reg = ctx.inputs["student"].read_json("registry.json")
     name = student_reg["name"]
     def load(art: str) -> MaskedFlowGenerator:
         return load_generator(ctx.inputs[art].local_dir() / "model")
 
     student_gen = load("student")
+    judges = {j: _load_judge(ctx.inputs[art], student_gen.device)
+              for j, art in (("audit", "audit_model"), ("reward", "reward_model"))}
     contenders = [Contender("base", load("base_model"), dc.teacher_steps, dc.teacher_guidance),
                   Contender("teacher", load("policy"), dc.teacher_steps, dc.teacher_guidance,
                             str(ctx.inputs["policy"].read_json("registry.json")["version"])),

@@ -1,0 +1,42 @@
+"""The flux profile's generator side through the whole graph, at toy width on CPU: FluxFill components built from
+configs (models/flux.py) stand in for FLUX.1 Fill [dev]; pretrain_base registers it by URI, generate_candidates
+samples it, rl_finetune and distill train LoRA adapters on it, evaluate and promote judge and promote the student.
+The judges are the tiny ones (train_reward builds no Qwen2.5-VL-7B judge from a URI yet). The local runner; MLflow
+is the sqlite store under ONEREWARD_HOME."""
+
+import pytest
+from sizes import WHOLE_GRAPH
+
+from onereward import storage
+from onereward.config import load_config
+from onereward.runner import run_pipeline
+
+
+@pytest.fixture
+def flux_base(tmp_path):
+    from onereward.models.flux import FluxFillGenerator
+
+    path = tmp_path / "FLUX.1-Fill-toy"
+    FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
+    return path
+
+
+def test_the_flux_profile_at_toy_width_runs_the_whole_graph(home, flux_base):
+    import mlflow
+
+    s = load_config("tiny", [*WHOLE_GRAPH, "generator.kind=flux_fill", f"generator.base_uri={flux_base}",
+                             "generator.lora_rank=4", "generator.dtype=float32"])
+    result = run_pipeline(s)
+    done = {o.stage: o for o in result.outcomes}
+    assert result.stopped_at is None and all(o.status == "done" for o in done.values()), done
+    base = storage.Artifact(done["pretrain_base"].outputs["base_model"])
+    assert base.read_json("model/generator.json")["base_uri"] == str(flux_base)
+    assert not [f for f in base.files("model/") if f.endswith(".safetensors")]  # a pointer, no weights
+    for stage, output in (("rl_finetune", "policy"), ("distill", "student")):
+        art = storage.Artifact(done[stage].outputs[output])
+        assert sorted(art.files("model/")) == ["model/adapter.safetensors", "model/generator.json"], stage
+    promotion = storage.Artifact(done["promote"].outputs["promotion"]).read_json("promotion.json")
+    assert promotion["promoted"] is True
+    champion = mlflow.MlflowClient().get_model_version_by_alias("onereward-generator", "champion")
+    assert champion.tags.get("teacher.version") == str(
+        storage.Artifact(done["rl_finetune"].outputs["policy"]).read_json("registry.json")["version"])
