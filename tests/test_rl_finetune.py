@@ -3,12 +3,13 @@ deliberately high learning rate, and resuming after SIGKILL to the unkilled run'
 are trained by the real upstream stages (a few steps each); MLflow is the sqlite store under ONEREWARD_HOME."""
 
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 from homes import copy_home
-from resume import assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
+from resume import assert_same_weights, data_parallel, kill_after_checkpoint, rerun_to_the_end, stage_command
 from sizes import RL, UPSTREAM
 
 from onereward import storage
@@ -145,8 +146,10 @@ def _flux_step(overrides, flux_base, tmp_path):
     return s, [*overrides, *flux], {**tiny.inputs, "base_model": base_out}
 
 
-@pytest.mark.parametrize("profile", ["tiny", "flux"])
-def test_resumes_after_sigkill_to_the_unkilled_result(profile, rl_home, flux_base, tmp_path):
+@pytest.mark.parametrize("profile, processes", [("tiny", 1), ("flux", 1), ("tiny", 2)])
+def test_resumes_after_sigkill_to_the_unkilled_result(profile, processes, rl_home, flux_base, tmp_path):
+    """Two processes (torchrun, data parallel): each goes on with its own draws, from the RNG states the main
+    process checkpointed for all of them."""
     overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]  # between validations (every 2): their rewards kept
     if profile == "flux":
         s, overrides, inputs = _flux_step(overrides, flux_base, tmp_path)
@@ -154,23 +157,34 @@ def test_resumes_after_sigkill_to_the_unkilled_result(profile, rl_home, flux_bas
         s, step = _step(overrides)
         inputs = step.inputs
     stage = GRAPH.get("rl_finetune")
+
+    def command(out: str) -> list[str]:
+        cmd = stage_command("rl_finetune", inputs, {"policy": out}, [*UPSTREAM, *overrides])
+        return data_parallel(cmd, processes) if processes > 1 else cmd
+
     out = str(tmp_path / "killed" / "policy")
     ckpt = f"{out}.scratch/checkpoint"
-    cmd = stage_command("rl_finetune", inputs, {"policy": out}, [*UPSTREAM, *overrides])
-    env = {**os.environ, "ONEREWARD_HOME": str(rl_home)}
-    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    env = {**os.environ, "ONEREWARD_HOME": str(rl_home)} | ({"OMP_NUM_THREADS": "1"} if processes > 1 else {})
+    killed_at, _ = kill_after_checkpoint(command(out), env, ckpt)
     assert killed_at < 12 and not storage.Artifact(out).exists()
-    rerun_to_the_end(cmd, env, killed_at, "rl_finetune")
+    rerun_to_the_end(command(out), env, killed_at, "rl_finetune")
     resumed = storage.Artifact(out)
     assert resumed.exists() and not storage.Artifact(ckpt).exists()
 
     unkilled = str(tmp_path / "unkilled" / "policy")
-    execute_stage(stage, s, inputs, {"policy": unkilled})
+    if processes > 1:
+        done = subprocess.run(command(unkilled), env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    else:
+        execute_stage(stage, s, inputs, {"policy": unkilled})
     assert resumed.read_json("validation.json") == storage.Artifact(unkilled).read_json("validation.json")
     assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
     # the logged training curves (10-step means) too: the checkpoint keeps the steps since the last point
     import mlflow
 
+    from onereward import tracking
+
+    tracking.setup("onereward")  # this home's store (with two processes no run was made in this process)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("onereward").experiment_id
 
@@ -229,17 +243,12 @@ def test_two_processes_train_one_policy_data_parallel(rl_home, tmp_path):
     single process draws, so the logged gradient norms differ from a single process's only through process 1's
     gradients averaged in; the stage itself fails if the processes end with different weights."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import mlflow
 
     s, step = _step(RL)
     out = str(tmp_path / "dp" / "policy")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", *stage_command("rl_finetune", step.inputs,
-                                                                               {"policy": out}, [*UPSTREAM, *RL])[1:]]
+    cmd = data_parallel(stage_command("rl_finetune", step.inputs, {"policy": out}, [*UPSTREAM, *RL]), 2)
     env = {**os.environ, "ONEREWARD_HOME": str(rl_home), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]

@@ -66,7 +66,7 @@ def segment_targets(states: torch.Tensor, idx: torch.Tensor, grid: int, seg: tor
     a, b_ = seg * stride, (seg + 1) * stride
     z_a, z_b = states[a, idx], states[b_, idx]
     t_a, t_b = 1 - a.float() / finest, 1 - b_.float() / finest
-    r = (t_b / t_a).view(-1, *([1] * (z_a.dim() - 1))).to(z_a.dtype)
+    r = (t_b / t_a).view(-1, *([1] * (z_a.dim() - 1))).to(z_a.device, z_a.dtype)
     return z_a, t_a, (z_b - r * z_a) / (1 - r)
 
 

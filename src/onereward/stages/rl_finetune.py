@@ -332,7 +332,7 @@ def pairwise_p(judge: TinyJudge, a_out: torch.Tensor, b_out: torch.Tensor, c: Co
     for crit in criteria:
         q = Query([task] * n, [crit] * n, c.batch["prompts"], c.context)
         first, second = p_policy_better(judge, a_out, b_out, q)
-        p += (first + second) / 2 / len(criteria)
+        p += ((first + second) / 2 / len(criteria)).cpu()  # the judge may sit on a GPU
     return p
 
 
