@@ -209,3 +209,14 @@ def airflow_db():
     """A migrated Airflow metadata DB (sqlite) for dag.test()."""
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], check=True, capture_output=True, timeout=300)
     return os.environ["AIRFLOW_HOME"]
+
+
+@pytest.fixture(scope="session")
+def flux_base(tmp_path_factory) -> Path:
+    """A FluxFill checkpoint at toy width (components built from configs), laid out as
+    `FluxFillPipeline.save_pretrained` writes the real one: the flux profile's base for CPU tests."""
+    from onereward.models.flux import FluxFillGenerator
+
+    path = tmp_path_factory.mktemp("flux") / "FLUX.1-Fill-toy"
+    FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
+    return path

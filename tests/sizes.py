@@ -28,3 +28,10 @@ WHOLE_GRAPH = ["curate.sources=[{kind: procedural, count: 48}]", "masks.heldout_
         "evaluate.gates.win_rate_vs_base=false", "evaluate.gates.max_bg_psnr_drop=100",
         "evaluate.gates.max_mask_error_rise=100", "evaluate.gates.max_measure_rise=100",
         "evaluate.gates.min_student_quality=0"]
+
+
+def flux_toy(base_uri) -> list[str]:
+    """The flux profile's generator at toy width: the FluxFill folder at `base_uri` (conftest's `flux_base`), a
+    rank-4 adapter, fp32 on the CPU."""
+    return ["generator.kind=flux_fill", f"generator.base_uri={base_uri}", "generator.lora_rank=4",
+            "generator.dtype=float32"]

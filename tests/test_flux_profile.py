@@ -4,28 +4,17 @@ samples it, rl_finetune and distill train LoRA adapters on it, evaluate and prom
 The judges are the tiny ones (train_reward builds no Qwen2.5-VL-7B judge from a URI yet). The local runner; MLflow
 is the sqlite store under ONEREWARD_HOME."""
 
-import pytest
-from sizes import WHOLE_GRAPH
+from sizes import WHOLE_GRAPH, flux_toy
 
 from onereward import storage
 from onereward.config import load_config
 from onereward.runner import run_pipeline
 
 
-@pytest.fixture
-def flux_base(tmp_path):
-    from onereward.models.flux import FluxFillGenerator
-
-    path = tmp_path / "FLUX.1-Fill-toy"
-    FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
-    return path
-
-
 def test_the_flux_profile_at_toy_width_runs_the_whole_graph(home, flux_base):
     import mlflow
 
-    s = load_config("tiny", [*WHOLE_GRAPH, "generator.kind=flux_fill", f"generator.base_uri={flux_base}",
-                             "generator.lora_rank=4", "generator.dtype=float32"])
+    s = load_config("tiny", [*WHOLE_GRAPH, *flux_toy(flux_base)])
     result = run_pipeline(s)
     done = {o.stage: o for o in result.outcomes}
     assert result.stopped_at is None and all(o.status == "done" for o in done.values()), done

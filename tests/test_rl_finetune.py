@@ -10,7 +10,7 @@ import pytest
 import torch
 from homes import copy_home
 from resume import assert_same_weights, data_parallel, kill_after_checkpoint, rerun_to_the_end, stage_command
-from sizes import RL, UPSTREAM
+from sizes import RL, UPSTREAM, flux_toy
 
 from onereward import storage
 from onereward.config import load_config
@@ -124,21 +124,10 @@ def test_a_deliberately_high_learning_rate_is_stopped_and_not_registered(rl_home
     assert after == before  # rl-candidate did not move
 
 
-@pytest.fixture(scope="module")
-def flux_base(tmp_path_factory):
-    """A FluxFill checkpoint at toy width, laid out as `FluxFillPipeline.save_pretrained` writes the real one."""
-    from onereward.models.flux import FluxFillGenerator
-
-    path = tmp_path_factory.mktemp("flux") / "FLUX.1-Fill-toy"
-    FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
-    return path
-
-
 def _flux_step(overrides, flux_base, tmp_path):
     """The flux profile at toy width on the tiny upstream's conditions and judges: its pretrain_base registers
     the external base (a pointer to its URI), which rl_finetune trains a LoRA adapter on."""
-    flux = ["generator.kind=flux_fill", f"generator.base_uri={flux_base}", "generator.lora_rank=4",
-            "generator.dtype=float32"]
+    flux = flux_toy(flux_base)
     s = load_config("tiny", [*UPSTREAM, *overrides, *flux])
     _, tiny = _step(overrides)
     base_out = str(tmp_path / "base_model")

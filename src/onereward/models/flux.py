@@ -20,7 +20,7 @@ import torch
 
 from onereward import storage
 from onereward.config import GeneratorConfig
-from onereward.models.generator import META, MaskedFlowGenerator
+from onereward.models.generator import META, MaskedFlowGenerator, tensors_digest
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 ADAPTER = "adapter.safetensors"
@@ -213,11 +213,7 @@ class FluxFillGenerator(MaskedFlowGenerator):
         """With an adapter on an external base: the base's URI and the adapter (not 12 B frozen weights)."""
         if not (self.has_adapter and self.base_uri):
             return super().weights_digest()
-        h = hashlib.sha256(self.base_uri.encode())
-        for name, v in sorted(self.adapter_state().items()):
-            h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
-            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return tensors_digest(sorted(self.adapter_state().items()), self.base_uri.encode())
 
     # --- the generator interface -------------------------------------------------------------------
     def _latents(self, images: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,7 @@ class MaskedFlowGenerator(ABC):
     def weights_digest(self) -> str:
         """sha256 of the weights: two generators with one digest sample the same images from the same noise (an
         RL policy that kept its base), so rl_finetune and evaluate sample them once."""
-        h = hashlib.sha256()
-        for m in self.trainable_modules():
-            for name, v in m.state_dict().items():
-                h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
-                h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return tensors_digest((name, v) for m in self.trainable_modules() for name, v in m.state_dict().items())
 
     @abstractmethod
     def save(self, path: str | Path) -> None: ...
@@ -217,6 +213,15 @@ class MaskedFlowGenerator(ABC):
         if weights is None:
             return F.mse_loss(x0, z0)
         return (weights * (x0 - z0) ** 2).sum() / (weights.sum() * x0.shape[1])
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]], prefix: bytes = b"") -> str:
+    """sha256 of `prefix`, then each tensor's name, dtype, shape and bytes, in the order given."""
+    h = hashlib.sha256(prefix)
+    for name, v in named:
+        h.update(f"{name} {v.dtype} {tuple(v.shape)}".encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def autocast(mode: str, device: torch.device | str = "cpu"):
