@@ -144,7 +144,7 @@ def main() -> None:
 
     from onereward.config import TASKS, RLConfig, load_config
     from onereward.models.flux import FLUX_FILL_DEV, FluxFillGenerator
-    from onereward.models.judge import JudgeShape, Query, TinyJudge
+    from onereward.models.judge import Judge, JudgeShape, Query
     from onereward.models.judge import build_tokenizer as judge_tokenizer
     from onereward.stages.rl_finetune import rl_step
 
@@ -187,7 +187,7 @@ def main() -> None:
     tk = judge_tokenizer([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()))
     if args.toy:
         jshape = JudgeShape(arch="qwen2_5_vl")
-        judge = TinyJudge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), jshape)
+        judge = Judge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), jshape)
     else:
         jshape = JudgeShape(arch="qwen2_5_vl", image_size=448, patch_size=14, merge_size=2, temporal_patch_size=2)
         t0 = time.perf_counter()
@@ -196,7 +196,7 @@ def main() -> None:
         with torch.device(device):
             model = qwen25_vl_7b(tk)
         torch.set_default_dtype(default)
-        judge = TinyJudge(model, tk, jshape)
+        judge = Judge(model, tk, jshape)
         n_judge = sum(p.numel() for p in model.parameters())
         print(f"Qwen2.5-VL-7B judge: {n_judge / 1e9:.2f} B parameters, built in {time.perf_counter() - t0:.0f} s; "
               f"everything held: {meter.held_gib():.1f} GiB", flush=True)

@@ -21,12 +21,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--arch", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     args = ap.parse_args()
-    from onereward.models.judge import JudgeShape, Query, TinyJudge
+    from onereward.models.judge import Judge, JudgeShape, Query
 
     cells = [("fill", "alignment"), ("extend", "consistency"), ("removal", "removal_quality"),
              ("text", "text_correctness")]
     prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
-    judge = TinyJudge.build(cells, prompts, JudgeShape(arch=args.arch))
+    judge = Judge.build(cells, prompts, JudgeShape(arch=args.arch))
     judge.model.eval()
     g = torch.Generator().manual_seed(0)
     a, b, context = (torch.rand(args.pairs, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))

@@ -24,7 +24,7 @@ PROMPTS = {"fill": "fill red", "extend": "extend", "removal": "remove circle", "
 
 def setup(batch: int, reference: str):
     from onereward.config import TASKS, load_config
-    from onereward.models.judge import JudgeShape, TinyJudge
+    from onereward.models.judge import Judge, JudgeShape
     from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.rl_finetune import Conditions, WeightsView, trainable_state
 
@@ -34,7 +34,7 @@ def setup(batch: int, reference: str):
     # as the stage: the reference is the policy's network with the base's weights swapped in (ema: their EMA)
     state = trainable_state(policy)
     ref = WeightsView(policy, state)
-    judge = TinyJudge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), JudgeShape())
+    judge = Judge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), JudgeShape())
     judge.model.eval().requires_grad_(False)
     n, size = 64, s.image_size
     g = torch.Generator().manual_seed(0)

@@ -54,13 +54,13 @@ def pretrain_loop(batch: int, autocast: str):
 
 def judge_loop(batch: int):
     """A pairwise step of the judge on random pairs (the cost does not depend on the pixels)."""
-    from onereward.models.judge import JudgeShape, Query, TinyJudge
+    from onereward.models.judge import Judge, JudgeShape, Query
     from onereward.stages.train_reward import both_orders_loss
 
     cells = [("fill", "alignment"), ("extend", "consistency"), ("removal", "removal_quality"),
              ("text", "text_correctness")]
     prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
-    judge = TinyJudge.build(cells, prompts, JudgeShape())
+    judge = Judge.build(cells, prompts, JudgeShape())
     judge.model.train()
     opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)

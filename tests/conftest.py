@@ -220,3 +220,17 @@ def flux_base(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("flux") / "FLUX.1-Fill-toy"
     FluxFillGenerator.build_toy(32, ("fill red circle", "extend", "remove blue square", "")).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def judge_bases(tmp_path_factory) -> dict[str, Path]:
+    """Qwen2.5-VL and Qwen2-VL checkpoints at toy width with a byte-level BPE tokenizer trained locally, laid out
+    as `save_pretrained` writes the real ones: the flux profile's judges (training and audit) for CPU tests."""
+    from onereward.config import TASKS, load_config
+    from onereward.models.judge import ARCHS, write_toy_checkpoint
+
+    criteria = load_config("flux").labels.criteria
+    cells = [(t, c) for t in TASKS for c in getattr(criteria, t)]
+    prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"', ""]
+    root = tmp_path_factory.mktemp("judges")
+    return {arch: write_toy_checkpoint(root / arch, arch, cells, prompts) for arch in ARCHS}

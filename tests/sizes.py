@@ -35,3 +35,12 @@ def flux_toy(base_uri) -> list[str]:
     rank-4 adapter, fp32 on the CPU."""
     return ["generator.kind=flux_fill", f"generator.base_uri={base_uri}", "generator.lora_rank=4",
             "generator.dtype=float32"]
+
+
+def flux_judges(bases) -> list[str]:
+    """The flux profile's judges at toy width: the pretrained checkpoints of conftest's `judge_bases` (Qwen2.5-VL
+    trains the reward, Qwen2-VL audits), rank-4 adapters, fp32 on the CPU, 32 px images (448 by default: 3,136
+    tokens an image at the toy's patch 4), no vision warm-up (their towers stay frozen)."""
+    return ["reward.vision_warmup_steps=0", *(f"reward.{role}.{k}" for role, arch in (
+        ("judge", "qwen2_5_vl"), ("audit", "qwen2_vl")) for k in (
+        f"arch={arch}", f"base_uri={bases[arch]}", "lora_rank=4", "dtype=float32", "image_size=32"))]

@@ -37,3 +37,24 @@ def test_unknown_profile_and_malformed_override():
         load_config("nope")
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config("tiny", ["pretrain.steps"])
+
+
+def test_judge_options_added_later_key_the_stages_only_when_set():
+    """The pretrained judge's fields came after the tiny judges were keyed: at their defaults they leave the keys
+    as they were (no rerun in an existing home); set, they change them."""
+    from onereward.config import key_fields
+
+    tiny = key_fields(load_config("tiny"))["reward"]["judge"]
+    assert sorted(tiny) == ["arch", "model_name", "split_seed"]
+    s = load_config("tiny", ["reward.vision_warmup_steps=0", "reward.judge.arch=qwen2_5_vl",
+                             "reward.audit.arch=qwen2_vl", "reward.judge.base_uri=/m", "reward.judge.lora_rank=8"])
+    assert key_fields(s)["reward"]["judge"] | {"base_uri": "/m", "lora_rank": 8} == key_fields(s)["reward"]["judge"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["reward.judge.base_uri=/m"], "trains a LoRA adapter; set its lora_rank"),
+    (["reward.judge.base_uri=/m", "reward.judge.lora_rank=8"], "set reward.vision_warmup_steps to 0"),
+])
+def test_a_pretrained_judge_without_an_adapter_or_with_a_vision_warm_up_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

@@ -1,5 +1,7 @@
-"""The tiny VLM judge (models/judge.py): Qwen2-VL's pixel layout built with torch ops (so gradients reach
-generated pixels, as RL needs), batched scoring equal to one pair at a time, safetensors round trip."""
+"""The VLM judge (models/judge.py): Qwen2-VL's pixel layout built with torch ops (so gradients reach generated
+pixels, as RL needs), batched scoring equal to one pair at a time, safetensors round trip; for a tiny judge built
+from config and for a pretrained one (a toy Qwen-VL checkpoint with a byte-level BPE tokenizer stands in for
+Qwen2.5-VL-7B) asked in ChatML and trained through a LoRA adapter saved beside its base's URI."""
 
 import numpy as np
 import pytest
@@ -9,16 +11,25 @@ from PIL import Image
 from onereward.models.judge import (
     ARCHS,
     PACKED_ATTENTION,
+    Judge,
     JudgeShape,
     Query,
-    TinyJudge,
+    Source,
     packed_sdpa,
     pixel_values,
-    query_text,
+    write_toy_checkpoint,
 )
+from onereward.stages.train_reward import both_orders_loss
 
 CELLS = [("fill", "alignment"), ("removal", "removal_quality"), ("text", "text_correctness")]
 PROMPTS = ["fill red circle", "remove blue square", 'text "A7"']
+
+
+def make_judge(kind: str, arch: str, tmp_path) -> Judge:
+    if kind == "tiny":
+        return Judge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+    base = write_toy_checkpoint(tmp_path / f"{arch}-base", arch, CELLS, PROMPTS)
+    return Judge.from_pretrained(Source(str(base), lora_rank=4, dtype="float32"), 32, arch, "cpu")
 
 
 def test_torch_patchify_matches_the_qwen2_vl_image_processor():
@@ -43,9 +54,10 @@ def test_a_context_frame_is_the_first_frame_of_each_patch():
     assert torch.allclose(clip[:, :, 1], pixel_values(x, JudgeShape()).reshape(-1, 3, 2, 4, 4)[:, :, 1])
 
 
+@pytest.mark.parametrize("kind", ["tiny", "pretrained"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_path, arch):
-    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_path, arch, kind):
+    judge = make_judge(kind, arch, tmp_path)
     g = torch.Generator().manual_seed(1)
     a = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1).requires_grad_(True)
     b, ctx = (torch.rand(3, 3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
@@ -70,8 +82,8 @@ def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_pat
     # the judge pads its cached rows as the tokenizer pads the batch; here transformers derives the positions
     inputs = judge._inputs(q.tasks, q.criteria, q.prompts)
     n = judge.shape.tokens_per_image
-    texts = [query_text(t, c, pr, n) for t, c, pr in zip(q.tasks, q.criteria, PROMPTS, strict=True)]
-    enc = judge.tokenizer(texts, padding=True, return_tensors="pt")
+    texts = [judge.phrase(t, c, pr, n) for t, c, pr in zip(q.tasks, q.criteria, PROMPTS, strict=True)]
+    enc = judge.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     assert torch.equal(inputs["input_ids"], enc["input_ids"])
     assert torch.equal(inputs["attention_mask"], enc["attention_mask"])
     g8 = judge.shape.grid
@@ -82,17 +94,61 @@ def test_p_yes_is_batched_like_single_pairs_and_differentiable_in_pixels(tmp_pat
     assert torch.allclose(own.logits[:, -1, [judge.yes_id, judge.no_id]].softmax(-1)[:, 0], p.detach(), atol=1e-5)
 
     judge.save(tmp_path / "judge")
-    again = TinyJudge.load(tmp_path / "judge")
+    again = Judge.load(tmp_path / "judge")
     assert again.shape.arch == arch
     assert torch.allclose(again.p_yes(a.detach(), b, q), p.detach(), atol=1e-6)
-    assert list((tmp_path / "judge" / "model").glob("*.safetensors"))
+    if kind == "tiny":
+        assert list((tmp_path / "judge" / "model").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_pretrained_judge_asks_in_chatml_and_trains_and_saves_its_adapter_alone(tmp_path, arch):
+    judge = make_judge("pretrained", arch, tmp_path)
+    n = judge.shape.tokens_per_image
+    assert [judge.tokenizer.decode([i]) for i in (judge.yes_id, judge.no_id)] == ["Yes", "No"]
+    ids = judge._inputs(["fill"], ["alignment"], ["fill red circle"])["input_ids"][0]
+    text = judge.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    pads = (ids == judge.image_id).nonzero()[:, 0]  # two runs of pad tokens, back to back as the processor expands
+    assert len(pads) == 2 * n and (pads[n - 1] - pads[0], pads[-1] - pads[n]) == (n - 1, n - 1)
+
+    trainable = {name for name, p in judge.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k and ".language_model." in k for k in trainable)
+    assert any(".v_proj." in k for k in trainable) and not any(".visual." in k for k in trainable)
+    frozen = {k: v.clone() for k, v in judge.model.state_dict().items() if "lora_" not in k}
+    g = torch.Generator().manual_seed(5)
+    win, lose, ctx = (torch.rand(4, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
+    q = Query(["fill", "fill", "text", "removal"], ["alignment", "alignment", "text_correctness", "removal_quality"],
+              [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1]], ctx)
+    opt = torch.optim.AdamW(judge.trainable_parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        loss = both_orders_loss(judge, win, lose, q)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.005  # the adapter learns the pairs (0.694 -> 0.686 in 8 steps, measured)
+    after = judge.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())  # the base is untouched
+
+    judge.save(tmp_path / "judge")
+    assert sorted(f.name for f in (tmp_path / "judge").iterdir()) == ["adapter.safetensors", "judge.json"]
+    again = Judge.load(tmp_path / "judge", "cpu")
+    assert torch.allclose(again.p_yes(win, lose, q), judge.p_yes(win, lose, q), atol=1e-6)
+
+    other = "qwen2_vl" if arch == "qwen2_5_vl" else "qwen2_5_vl"
+    with pytest.raises(ValueError, match=f"is a '{arch}'; expected '{other}'"):
+        Judge.from_pretrained(judge.source, 32, other, "cpu")
+    with pytest.raises(ValueError, match="image_size 36: .* multiples of 8"):
+        Judge.from_pretrained(judge.source, 36, arch, "cpu")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_packed_vision_attention_equals_transformers_per_image_sdpa(arch):
     """The judge's vision tower attends over all images (Qwen2.5-VL: all windows) in one batched call; it must
     give what transformers' own sdpa path gives, one call per image, forward and backward."""
-    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+    judge = Judge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
     visual = judge.model.model.visual
     assert visual.config._attn_implementation == PACKED_ATTENTION
     g = torch.Generator().manual_seed(2)
@@ -122,7 +178,7 @@ def test_packed_sdpa_keeps_unequal_chunks_apart():
 def test_cached_vision_geometry_equals_transformers_per_call_derivation(arch):
     """vision_tokens hands the tower its rope positions and image/window boundaries, computed once per batch
     size; the tokens and gradients must be those of the tower deriving them itself on each call."""
-    judge = TinyJudge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
+    judge = Judge.build(CELLS, PROMPTS, JudgeShape(arch=arch), seed=0)
     visual, grid = judge.model.model.visual, judge.shape.grid
     g = torch.Generator().manual_seed(4)
     for n in (3, 6, 3):

@@ -141,7 +141,7 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     """The Bradley-Terry warm-up learns the rule in the vision tower and leaves the language model as built."""
     import torch
 
-    from onereward.models.judge import TinyJudge
+    from onereward.models.judge import Judge
     from onereward.stages.train_reward import condition_context, pair_tensors, training_pairs, warm_up_vision
 
     prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
@@ -151,7 +151,7 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
                                                                         if int(x["condition_id"][1:]) >= 20]
     context = condition_context(storage.Artifact(conds).read_table().to_pylist())
     r = load_config("tiny", ["reward.vision_warmup_steps=60", "reward.batch_size=16"]).reward
-    judge = TinyJudge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
+    judge = Judge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
     before = {k: v.clone() for k, v in judge.model.state_dict().items()}
     m = warm_up_vision(judge, training_pairs(train, context, r), r, 0, "test", (held, pair_tensors(held, context)))
     assert m["warmup.bt_loss"] < 0.35, m  # ln 2 = 0.69 at chance

@@ -28,6 +28,9 @@ class Strict(BaseModel):
 # json_schema_extra of a field that says how often a stage saves, not what it makes: left out of the stage keys,
 # so changing it neither reruns the stage nor stops a killed run from resuming from its checkpoint
 NOT_IN_KEY = {"in_key": False}
+# json_schema_extra of a field added after stages were keyed, whose default is what they did before it: left out of
+# the keys while it holds its default, so adding it reran nothing
+IN_KEY_UNLESS_DEFAULT = {"in_key": "unless_default"}
 
 
 def key_fields(model: BaseModel) -> dict[str, Any]:
@@ -38,9 +41,10 @@ def key_fields(model: BaseModel) -> dict[str, Any]:
     def keep(m: BaseModel, d: dict[str, Any]) -> dict[str, Any]:
         out = {}
         for name, info in type(m).model_fields.items():
-            if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("in_key") is False:
-                continue
+            marked = info.json_schema_extra.get("in_key") if isinstance(info.json_schema_extra, dict) else None
             value = getattr(m, name)
+            if marked is False or (marked == "unless_default" and value == info.get_default(call_default_factory=True)):
+                continue
             out[name] = keep(value, d[name]) if isinstance(value, BaseModel) else d[name]
         return out
 
@@ -191,11 +195,31 @@ class LabelsConfig(Strict):
 
 
 class JudgeSpec(Strict):
-    """One judge: its architecture, which conditions it holds out, and the registered model's name."""
+    """One judge: its architecture, which conditions it holds out, and the registered model's name; built from a
+    small config (`tiny`) or, with `base_uri`, a pretrained Qwen-VL checkpoint trained through a LoRA adapter."""
 
     arch: Literal["qwen2_vl", "qwen2_5_vl"] = "qwen2_vl"
     split_seed: int = 0  # which conditions are held out (hash of seed and condition id)
     model_name: str = "onereward-reward-model"
+    # local path or s3:// URI of a Qwen2.5-VL / Qwen2-VL checkpoint with its tokenizer (its config must be `arch`)
+    base_uri: str | None = Field(None, json_schema_extra=IN_KEY_UNLESS_DEFAULT)
+    lora_rank: int = Field(0, ge=0, json_schema_extra=IN_KEY_UNLESS_DEFAULT)  # on the language model's attention
+    # the side images are shown at: a multiple of patch x merge (8 on `tiny`, 28 on Qwen2.5-VL-7B); None: 32 on a
+    # tiny judge, 448 on a pretrained one (256 tokens an image)
+    image_size: int | None = Field(None, ge=8, json_schema_extra=IN_KEY_UNLESS_DEFAULT)
+    dtype: Literal["float32", "bfloat16"] = Field("bfloat16", json_schema_extra=IN_KEY_UNLESS_DEFAULT)
+    gradient_checkpointing: bool = Field(False, json_schema_extra=IN_KEY_UNLESS_DEFAULT)
+
+    @model_validator(mode="after")
+    def _adapter(self) -> JudgeSpec:
+        if self.base_uri and not self.lora_rank:
+            raise ValueError(f"judge {self.model_name}: a pretrained judge (base_uri) trains a LoRA adapter; set "
+                             "its lora_rank (full fine-tuning of a 7B judge is not built)")
+        return self
+
+    @property
+    def side(self) -> int:
+        return self.image_size or (448 if self.base_uri else 32)
 
 
 class RewardConfig(Strict):
@@ -235,6 +259,9 @@ class RewardConfig(Strict):
             raise ValueError("reward.audit must differ from reward.judge in both arch and split_seed")
         if a.model_name == j.model_name:
             raise ValueError("reward.audit.model_name must differ from reward.judge.model_name")
+        if self.vision_warmup_steps and (a.base_uri or j.base_uri):
+            raise ValueError("reward.vision_warmup_steps trains a tiny judge's vision tower; a pretrained judge "
+                             "(base_uri) keeps its own frozen: set reward.vision_warmup_steps to 0")
         return self
 
 

@@ -17,9 +17,9 @@ import pandas as pd
 
 class JudgeModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from onereward.models.judge import TinyJudge
+        from onereward.models.judge import Judge
 
-        self.judge = TinyJudge.load(context.artifacts["judge"])
+        self.judge = Judge.load(context.artifacts["judge"])
         self.judge.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

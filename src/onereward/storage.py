@@ -441,6 +441,16 @@ def clean_stale_staging(uri: str) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def external_folder(uri: str) -> Path:
+    """An external checkpoint (a local folder or an s3:// prefix) as a local folder: an s3:// one is downloaded
+    once, into ONEREWARD_HOME's cache, by URI."""
+    if not is_s3(uri):
+        return Path(uri)
+    from onereward.config import home_dir
+
+    return download_prefix(uri, home_dir() / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16])
+
+
 def download_prefix(uri: str, dest: Path) -> Path:
     """Copy every file under a folder/prefix that is not an artifact (e.g. an external checkpoint) into
     dest, once; a marker says the copy is whole."""

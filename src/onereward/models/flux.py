@@ -11,7 +11,6 @@ rank 64) beside the base's URI, not the 12 B parameters it did not train; `load`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ import torch
 
 from onereward import storage
 from onereward.config import GeneratorConfig
+from onereward.models import lora
 from onereward.models.generator import META, MaskedFlowGenerator, tensors_digest
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-ADAPTER = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -135,27 +134,15 @@ class FluxFillGenerator(MaskedFlowGenerator):
         from diffusers import FluxFillPipeline
         from diffusers.utils import logging as diffusers_logging
 
-        from onereward.config import home_dir
-
         diffusers_logging.disable_progress_bar()  # the stage shows its own progress
 
-        local = Path(uri)
-        if storage.is_s3(uri):
-            local = storage.download_prefix(uri, home_dir() / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16])
+        local = storage.external_folder(uri)
         torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         pipe = FluxFillPipeline.from_pretrained(str(local), dtype=torch_dtype, local_files_only=True)
         for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             m.requires_grad_(False)
         if lora_rank:
-            from peft import LoraConfig
-
-            pipe.transformer.requires_grad_(False)
-            # the adapter starts as the base (B = 0) from a fixed A, made on the CPU: every load of the base is
-            # the same generator, so a resumed RL run and an unkilled one start alike, and digests compare
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                pipe.transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                                        target_modules=LORA_TARGETS))
+            lora.add_lora(pipe.transformer, lora_rank, LORA_TARGETS)
         pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         meta = local / META
         mseq = json.loads(meta.read_text()).get("max_sequence_length", 512) if meta.exists() else 512
@@ -169,28 +156,15 @@ class FluxFillGenerator(MaskedFlowGenerator):
         gen = cls.from_pretrained(src, meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
                                   meta.get("lora_rank", 0))
         if meta.get("adapter"):
-            gen._load_adapter(path / meta["adapter"])
+            lora.load_adapter(gen.pipe.transformer, path / meta["adapter"], f"lora_rank in {path / META}")
         return gen
 
     @property
     def has_adapter(self) -> bool:
-        return bool(getattr(self.pipe.transformer, "_hf_peft_config_loaded", False))
-
-    def _load_adapter(self, file: Path) -> None:
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if not self.has_adapter:
-            raise ValueError(f"{file}: a LoRA adapter needs generator.lora_rank > 0 in its folder's {META}")
-        state = load_file(str(file), device=str(self.device))
-        result = set_peft_model_state_dict(self.pipe.transformer, state)
-        if result.unexpected_keys:
-            raise ValueError(f"{file}: adapter weights the transformer does not have: {result.unexpected_keys[:3]}")
+        return lora.has_adapter(self.pipe.transformer)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.pipe.transformer).items()}
+        return lora.adapter_state(self.pipe.transformer)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -200,11 +174,8 @@ class FluxFillGenerator(MaskedFlowGenerator):
             if not self.base_uri:
                 raise ValueError("a LoRA adapter is saved beside its base's URI; this generator was not loaded "
                                  "from one (FluxFillGenerator.from_pretrained)")
-            from safetensors.torch import save_file
-
-            path.mkdir(parents=True, exist_ok=True)
-            save_file(self.adapter_state(), str(path / ADAPTER))
-            meta |= {"base_uri": self.base_uri, "lora_rank": self.lora_rank, "adapter": ADAPTER}
+            lora.save_adapter(self.pipe.transformer, path / lora.ADAPTER)
+            meta |= {"base_uri": self.base_uri, "lora_rank": self.lora_rank, "adapter": lora.ADAPTER}
         else:
             self.pipe.save_pretrained(str(path), safe_serialization=True)
         (path / META).write_text(json.dumps(meta))

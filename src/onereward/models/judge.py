@@ -2,7 +2,9 @@
 reward = P(Yes).
 
 The tiny judge is a transformers Qwen2-VL built from a small config, with a word-level tokenizer trained
-locally on the query vocabulary. Images go into the model's pixel layout with torch operations only
+locally on the query vocabulary. The flux profile's judge is a pretrained Qwen2.5-VL (or Qwen2-VL) loaded from a
+URI, asked in the chat format it was instruction-tuned on, with a LoRA adapter on its language model's attention;
+it saves the adapter alone beside the base's URI. Images go into the model's pixel layout with torch operations only
 (resize, normalise, patchify), so a gradient flows from P(Yes) back into generated pixels: the RL stage
 needs that path, and the PIL/numpy image processor would cut it.
 
@@ -20,10 +22,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from onereward import storage
+from onereward.models import lora
+
 META = "judge.json"
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
 YES, NO = "yes", "no"
 SPECIALS = ["[PAD]", "[UNK]", IMAGE_PAD, VISION_START, VISION_END, YES, NO]
+# a pretrained judge's answers and adapter: the language model's attention (the vision tower's are qkv and proj,
+# left frozen: the gradient still reaches the pixels through it in RL)
+ANSWERS = ("Yes", "No")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", VISION_START, VISION_END, IMAGE_PAD]
 # The CLIP normalisation Qwen2-VL's image processor applies.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -73,6 +83,19 @@ class JudgeShape:
     def tokens_per_image(self) -> int:
         return (self.grid // self.merge_size) ** 2
 
+    @classmethod
+    def of(cls, config, image_size: int) -> JudgeShape:
+        """The shape of a Qwen-VL checkpoint's config, its images shown at `image_size`."""
+        v, t = config.vision_config, config.text_config
+        unit = v.patch_size * v.spatial_merge_size
+        if image_size % unit:
+            raise ValueError(f"judge image_size {image_size}: {config.model_type} takes multiples of {unit} "
+                             f"(patch {v.patch_size} x merge {v.spatial_merge_size})")
+        return cls(arch=config.model_type, image_size=image_size, patch_size=v.patch_size,
+                   merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                   vision_dim=getattr(v, "embed_dim", v.hidden_size), vision_depth=v.depth,
+                   text_hidden=t.hidden_size, text_layers=t.num_hidden_layers, heads=t.num_attention_heads)
+
 
 def query_words(task: str, criterion: str, prompt: str) -> list[str]:
     """The question, as words of the local vocabulary; each image is a run of image tokens."""
@@ -85,6 +108,25 @@ def query_text(task: str, criterion: str, prompt: str, tokens_per_image: int) ->
     """The query as the tokenizer reads it: each image's pad token repeated to its token count."""
     words = query_words(task, criterion, prompt)
     return " ".join(" ".join([w] * tokens_per_image) if w == IMAGE_PAD else w for w in words)
+
+
+def chat_query_text(task: str, criterion: str, prompt: str, tokens_per_image: int) -> str:
+    """The query as a pretrained judge reads it: ChatML with its template's default system line, the images as its
+    processor expands them (pad tokens back to back), the answer's first token next."""
+    image = VISION_START + IMAGE_PAD * tokens_per_image + VISION_END
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            f"Task: {task}. Prompt: {prompt or 'none'}. Criterion: {criterion.replace('_', ' ')}.\n"
+            "Each image is shown after the masked input it completes.\n"
+            f"Image 1: {image}\nImage 2: {image}\n"
+            "Is image 1 better than image 2 on the criterion? Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _token_id(tokenizer, text: str) -> int:
+    """The one token `text` is: the reward reads the logit of one answer token, images are runs of one pad token."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ValueError(f"the judge's tokenizer reads {text!r} as {ids}; the judge needs it as one known token")
+    return ids[0]
 
 
 def build_tokenizer(tasks_criteria: list[tuple[str, str]], prompts: list[str]):
@@ -158,14 +200,58 @@ def _classes(arch: str):
     return transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
 
 
-class TinyJudge:
-    """Pairwise Yes/No judge over a Qwen2-VL built from config."""
+def _config(shape: JudgeShape, tk, max_positions: int = 512):
+    """A Qwen2-VL / Qwen2.5-VL config of `shape` over the tokenizer `tk`'s vocabulary."""
+    head_dim = shape.text_hidden // shape.heads
+    third = head_dim // 2 // 3
+    common = {"patch_size": shape.patch_size, "spatial_merge_size": shape.merge_size,
+              "temporal_patch_size": shape.temporal_patch_size, "depth": shape.vision_depth,
+              "num_heads": shape.heads}
+    if shape.arch == "qwen2_vl":
+        vision = {**common, "embed_dim": shape.vision_dim, "hidden_size": shape.text_hidden, "mlp_ratio": 2}
+    elif shape.arch == "qwen2_5_vl":
+        # windowed attention over image quarters, the last block attends fully, as in the 7B
+        vision = {**common, "hidden_size": shape.vision_dim, "out_hidden_size": shape.text_hidden,
+                  "intermediate_size": shape.vision_dim * 2, "window_size": shape.image_size // 2,
+                  "fullatt_block_indexes": [shape.vision_depth - 1]}
+    else:
+        raise ValueError(f"judge arch {shape.arch!r}: expected one of {ARCHS}")
+    return _classes(shape.arch)[0](
+        vision_config=vision,
+        text_config={"vocab_size": len(tk), "hidden_size": shape.text_hidden,
+                     "intermediate_size": shape.text_hidden * 2, "num_hidden_layers": shape.text_layers,
+                     "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads,
+                     "max_position_embeddings": max_positions, "tie_word_embeddings": True,
+                     "bos_token_id": None, "eos_token_id": None,
+                     # mrope splits the rotary half-dimension into (time, height, width) sections
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                         "mrope_section": [head_dim // 2 - 2 * third, third, third]}},
+        image_token_id=tk.convert_tokens_to_ids(IMAGE_PAD),
+        vision_start_token_id=tk.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tk.convert_tokens_to_ids(VISION_END),
+        pad_token_id=tk.pad_token_id,
+    )
 
-    def __init__(self, model, tokenizer, shape: JudgeShape):
-        self.model, self.tokenizer, self.shape = model, tokenizer, shape
-        self.yes_id = tokenizer.convert_tokens_to_ids(YES)
-        self.no_id = tokenizer.convert_tokens_to_ids(NO)
-        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+@dataclass(frozen=True)
+class Source:
+    """Where a pretrained judge's frozen weights come from: its checkpoint's URI, the adapter's rank, the dtype."""
+
+    base_uri: str
+    lora_rank: int
+    dtype: str = "bfloat16"
+
+
+class Judge:
+    """Pairwise Yes/No judge over a Qwen2-VL / Qwen2.5-VL: built from a small config with a local word-level
+    vocabulary (`build`, `tiny`), or a pretrained checkpoint with a LoRA adapter (`from_pretrained`, `flux`)."""
+
+    def __init__(self, model, tokenizer, shape: JudgeShape, source: Source | None = None):
+        self.model, self.tokenizer, self.shape, self.source = model, tokenizer, shape, source
+        self.phrase = query_text if source is None else chat_query_text
+        yes, no = (YES, NO) if source is None else ANSWERS
+        self.yes_id, self.no_id = _token_id(tokenizer, yes), _token_id(tokenizer, no)
+        self.image_id = _token_id(tokenizer, IMAGE_PAD)
         self._rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._geometry: dict[tuple[int, str], dict] = {}
         from transformers import AttentionInterface
@@ -178,40 +264,35 @@ class TinyJudge:
               seed: int = 0):
         torch.manual_seed(seed)
         tk = build_tokenizer(tasks_criteria, prompts)
-        head_dim = shape.text_hidden // shape.heads
-        third = head_dim // 2 // 3
-        common = {"patch_size": shape.patch_size, "spatial_merge_size": shape.merge_size,
-                  "temporal_patch_size": shape.temporal_patch_size, "depth": shape.vision_depth,
-                  "num_heads": shape.heads}
-        if shape.arch == "qwen2_vl":
-            vision = {**common, "embed_dim": shape.vision_dim, "hidden_size": shape.text_hidden, "mlp_ratio": 2}
-        elif shape.arch == "qwen2_5_vl":
-            # windowed attention over image quarters, the last block attends fully, as in the 7B
-            vision = {**common, "hidden_size": shape.vision_dim, "out_hidden_size": shape.text_hidden,
-                      "intermediate_size": shape.vision_dim * 2, "window_size": shape.image_size // 2,
-                      "fullatt_block_indexes": [shape.vision_depth - 1]}
-        else:
-            raise ValueError(f"judge arch {shape.arch!r}: expected one of {ARCHS}")
-        config_cls, model_cls = _classes(shape.arch)
-        config = config_cls(
-            vision_config=vision,
-            text_config={"vocab_size": len(tk), "hidden_size": shape.text_hidden,
-                         "intermediate_size": shape.text_hidden * 2, "num_hidden_layers": shape.text_layers,
-                         "num_attention_heads": shape.heads, "num_key_value_heads": shape.heads,
-                         "max_position_embeddings": 512, "tie_word_embeddings": True,
-                         "bos_token_id": None, "eos_token_id": None,
-                         # mrope splits the rotary half-dimension into (time, height, width) sections
-                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                             "mrope_section": [head_dim // 2 - 2 * third, third, third]}},
-            image_token_id=tk.convert_tokens_to_ids(IMAGE_PAD),
-            vision_start_token_id=tk.convert_tokens_to_ids(VISION_START),
-            vision_end_token_id=tk.convert_tokens_to_ids(VISION_END),
-            pad_token_id=tk.pad_token_id,
-        )
-        return cls(model_cls(config), tk, shape)
+        return cls(_classes(shape.arch)[1](_config(shape, tk)), tk, shape)
 
-    def parameters(self):
-        return self.model.parameters()
+    @classmethod
+    def from_pretrained(cls, source: Source, image_size: int, arch: str | None = None,
+                        device: str | torch.device | None = None) -> Judge:
+        """A Qwen-VL checkpoint (a local folder or an s3:// prefix, as `save_pretrained` writes it with its
+        tokenizer), frozen, with a LoRA adapter of `source.lora_rank` on its language model. `arch`, when given,
+        is what the config declares the checkpoint to be."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        local = str(storage.external_folder(source.base_uri))
+        config = AutoConfig.from_pretrained(local, local_files_only=True)
+        if config.model_type not in ARCHS or (arch and config.model_type != arch):
+            raise ValueError(f"judge checkpoint {source.base_uri} is a {config.model_type!r}; expected "
+                             f"{arch or ' or '.join(ARCHS)!r}")
+        shape = JudgeShape.of(config, image_size)
+        dtype = torch.bfloat16 if source.dtype == "bfloat16" else torch.float32
+        model = _classes(config.model_type)[1].from_pretrained(local, dtype=dtype, local_files_only=True,
+                                                               use_safetensors=True)
+        if source.lora_rank:
+            lora.add_lora(model, source.lora_rank, LORA_TARGETS)
+        else:
+            model.requires_grad_(False)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, AutoTokenizer.from_pretrained(local, local_files_only=True), shape, source)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """All of a tiny judge; the adapter of a pretrained one."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     @property
     def device(self) -> torch.device:
@@ -225,7 +306,7 @@ class TinyJudge:
         if hit is None:
             if len(self._rows) >= 65536:
                 self._rows.clear()
-            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
             g = self.shape.grid
             pos, _ = self.model.model.get_rope_index(
                 ids, mm_token_type_ids=(ids == self.image_id).long(), image_grid_thw=torch.tensor([[1, g, g]] * 2),
@@ -236,7 +317,7 @@ class TinyJudge:
     def _inputs(self, tasks: list[str], criteria: list[str], prompts: list[str]) -> dict[str, torch.Tensor]:
         """The batch left-padded as the tokenizer pads it, with the rope positions get_rope_index gives."""
         n = self.shape.tokens_per_image
-        rows = [self._row(query_text(t, c, p, n)) for t, c, p in zip(tasks, criteria, prompts, strict=True)]
+        rows = [self._row(self.phrase(t, c, p, n)) for t, c, p in zip(tasks, criteria, prompts, strict=True)]
         length = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -274,7 +355,9 @@ class TinyJudge:
     def vision_tokens(self, images: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """(B, tokens_per_image, text_hidden): the vision tower's merged tokens of each image (of the clip
         (context, image) with a context), what the language model is shown in place of the image's pad tokens."""
-        pixels = pixel_values(images, self.shape, context).to(self.model.dtype)
+        device = self.device
+        context = None if context is None else context.to(device)
+        pixels = pixel_values(images.to(device), self.shape, context).to(self.model.dtype)
         grid, geometry = self._vision_geometry(images.shape[0])
         tokens = self.model.model.visual(pixels, grid_thw=grid, **geometry).pooler_output  # after the 2x2 merger
         return tokens.reshape(images.shape[0], self.shape.tokens_per_image, -1)
@@ -321,17 +404,59 @@ class TinyJudge:
         return self.vision_tokens(images, context).mean(1).float()
 
     def save(self, path: str | Path) -> None:
+        """A tiny judge whole (model and tokenizer); a pretrained one as its adapter beside the base's URI."""
         path = Path(path)
-        self.model.save_pretrained(path / "model", safe_serialization=True)
-        self.tokenizer.save_pretrained(path / "tokenizer")
-        (path / META).write_text(json.dumps({"kind": f"tiny_{self.shape.arch}", "shape": self.shape.__dict__}))
+        if self.source is None:
+            self.model.save_pretrained(path / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(path / "tokenizer")
+            meta = {"kind": f"tiny_{self.shape.arch}", "shape": self.shape.__dict__}
+        else:
+            if not lora.has_adapter(self.model):
+                raise ValueError("a pretrained judge is saved as its LoRA adapter; this one has none (lora_rank 0)")
+            lora.save_adapter(self.model, path / lora.ADAPTER)
+            meta = {"kind": "pretrained", "shape": self.shape.__dict__, "source": self.source.__dict__,
+                    "adapter": lora.ADAPTER}
+        path.mkdir(parents=True, exist_ok=True)
+        (path / META).write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, path: str | Path) -> TinyJudge:
+    def load(cls, path: str | Path, device: str | torch.device | None = None) -> Judge:
+        """A saved judge; a pretrained one's base is fetched from its URI and loaded on `device` (default: a GPU
+        when there is one), a tiny one is loaded on the CPU."""
         from transformers import PreTrainedTokenizerFast
 
         path = Path(path)
-        shape = JudgeShape(**json.loads((path / META).read_text())["shape"])
+        meta = json.loads((path / META).read_text())
+        shape = JudgeShape(**meta["shape"])
+        if meta["kind"] == "pretrained":
+            judge = cls.from_pretrained(Source(**meta["source"]), shape.image_size, shape.arch, device)
+            lora.load_adapter(judge.model, path / meta["adapter"], f"source.lora_rank in {path / META}")
+            return judge
         model = _classes(shape.arch)[1].from_pretrained(path / "model", use_safetensors=True, local_files_only=True)
         tk = PreTrainedTokenizerFast.from_pretrained(str(path / "tokenizer"), local_files_only=True)
         return cls(model, tk, shape)
+
+
+def write_toy_checkpoint(path: str | Path, arch: str, tasks_criteria: list[tuple[str, str]], prompts: list[str],
+                         seed: int = 0) -> Path:
+    """A Qwen-VL checkpoint at toy width laid out as `save_pretrained` writes a real one (config, safetensors, a
+    byte-level BPE tokenizer with Qwen's special tokens, trained locally on the judge's queries): the flux
+    profile's judges on the CPU, where no 7B checkpoint can come from a hub."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    corpus = [chat_query_text(t, c, p, 1) + answer for t, c in tasks_criteria for p in prompts for answer in ANSWERS]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=CHAT_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                 additional_special_tokens=CHAT_SPECIALS[1:])
+    torch.manual_seed(seed)
+    shape = JudgeShape(arch=arch)
+    _classes(arch)[1](_config(shape, tk, max_positions=4096)).save_pretrained(path, safe_serialization=True)
+    tk.save_pretrained(path)
+    return path

@@ -34,7 +34,7 @@ from onereward.config import GateConfig
 from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, load_generator
-from onereward.models.judge import TinyJudge
+from onereward.models.judge import Judge
 from onereward.stages import GateFailed, StageContext
 from onereward.stages.promote import Verdict, current_champion
 from onereward.stages.rl_finetune import (
@@ -80,7 +80,7 @@ def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, fl
     return {"bg_psnr": gt["bg_psnr"], "bg_ssim": ssim, "mse_mask": gt["mse_mask"], "measure": gt["measure"]}
 
 
-def judged(judge: TinyJudge, a: torch.Tensor, b: torch.Tensor, cond: Conditions, task: str, criteria: list[str],
+def judged(judge: Judge, a: torch.Tensor, b: torch.Tensor, cond: Conditions, task: str, criteria: list[str],
            margin: float, bootstrap: int, seed: int) -> dict[str, float]:
     """Win rate of a over b with its 95 % bootstrap interval, and Good/Same/Bad shares (|P - 0.5| < margin is
     Same)."""

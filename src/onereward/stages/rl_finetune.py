@@ -43,7 +43,7 @@ from onereward.data.images import to_png
 from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
-from onereward.models.judge import Query, TinyJudge
+from onereward.models.judge import Judge, Query
 from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoints
@@ -129,7 +129,7 @@ def draw_rows(train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], r
     return idx, crit
 
 
-def p_policy_better(judge: TinyJudge, policy_img: torch.Tensor, ref_img: torch.Tensor, q: Query
+def p_policy_better(judge: Judge, policy_img: torch.Tensor, ref_img: torch.Tensor, q: Query
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """P(policy better) asked both ways: (policy, reference) -> Yes, (reference, policy) -> No; on the judge's
     device (the policy's image keeps its gradient)."""
@@ -139,7 +139,7 @@ def p_policy_better(judge: TinyJudge, policy_img: torch.Tensor, ref_img: torch.T
     return first, 1 - reverse
 
 
-def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator | WeightsView, judge: TinyJudge, opt,
+def rl_step(policy: MaskedFlowGenerator, reference: MaskedFlowGenerator | WeightsView, judge: Judge, opt,
             train: Conditions, rc: RLConfig, criteria: dict[str, list[str]], rng: torch.Generator, seed: int,
             step: int, phases: dict[str, float] | None = None, workers: Workers = ONE_PROCESS
             ) -> dict[str, torch.Tensor | list[str]]:
@@ -291,7 +291,7 @@ class Validation:
     sets: dict[str, Conditions]
     base: dict[str, dict[str, float]]
     base_out: dict[str, torch.Tensor]
-    audit: TinyJudge | None = None  # scores each eval's samples against the base's, beside the ground truth
+    audit: Judge | None = None  # scores each eval's samples against the base's, beside the ground truth
     criteria: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -324,7 +324,7 @@ def bootstrap_low(wins: np.ndarray, n: int, seed: int) -> float:
 
 
 @torch.no_grad()
-def pairwise_p(judge: TinyJudge, a_out: torch.Tensor, b_out: torch.Tensor, c: Conditions, task: str,
+def pairwise_p(judge: Judge, a_out: torch.Tensor, b_out: torch.Tensor, c: Conditions, task: str,
                criteria: list[str]) -> torch.Tensor:
     """Per condition, P(a better than b) by the judge, averaged over both orders and the task's criteria."""
     n = len(c.rows)
@@ -342,7 +342,7 @@ def wins_of(p: torch.Tensor) -> np.ndarray:
     return torch.where(tie, 0.5, (p > 0.5).float()).numpy()
 
 
-def win_rates(judge: TinyJudge, policy_out: torch.Tensor, base_out: torch.Tensor, c: Conditions, task: str,
+def win_rates(judge: Judge, policy_out: torch.Tensor, base_out: torch.Tensor, c: Conditions, task: str,
               criteria: list[str], bootstrap: int, seed: int) -> tuple[float, float, float]:
     """(win rate of policy vs base, its 95 % bootstrap lower bound, mean P)."""
     p = pairwise_p(judge, policy_out, base_out, c, task, criteria)
@@ -359,8 +359,8 @@ def sample_grid(c: Conditions, outputs: list[torch.Tensor], rows: int) -> np.nda
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _load_judge(art: storage.Artifact, device: torch.device | str = "cpu") -> TinyJudge:
-    judge = TinyJudge.load(art.local_dir() / "judge")
+def _load_judge(art: storage.Artifact, device: torch.device | str = "cpu") -> Judge:
+    judge = Judge.load(art.local_dir() / "judge", device)
     judge.model.to(device).eval()
     judge.model.requires_grad_(False)
     return judge
@@ -371,7 +371,7 @@ def _criteria(s) -> dict[str, list[str]]:
 
 
 def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_state: dict[str, torch.Tensor],
-          train_c: Conditions, val: Validation | None, judge: TinyJudge, workers: Workers = ONE_PROCESS) -> RunState:
+          train_c: Conditions, val: Validation | None, judge: Judge, workers: Workers = ONE_PROCESS) -> RunState:
     """Trains `policy` (the base's weights, `base_state`, at step 0) in place and leaves it at the best
     validated step. With several `workers` each draws its own rows and noise, and the main process alone
     validates (`val`; the others get None and its verdict), logs and checkpoints."""

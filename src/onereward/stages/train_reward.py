@@ -5,7 +5,8 @@ Inputs: `preferences` (label_preferences: ordered pairs with both images), `cond
 prompt and masked input the judge is shown with each pair).
 Output: `reward_model` (train_reward) or `audit_model` (train_audit_reward) — the judge (`judge/`,
 safetensors), `heldout_metrics.json`, `calibration.png`, `registry.json`.
-Config: `seed`, `reward` (`reward.judge` and `reward.audit` say which architecture, split and name).
+Config: `seed`, `reward` (`reward.judge` and `reward.audit` say which architecture, split and name, and with
+`base_uri` which pretrained checkpoint to train a LoRA adapter on instead of building a tiny judge from config).
 Metrics: `heldout.acc.mean`, `heldout.acc.<task>.<criterion>` (all held-out pairs), `heldout.acc_cand.mean` and
 `heldout.acc_cand.<task>.<criterion>` (candidate-vs-candidate pairs only), `heldout.acc_kind.<kind>`,
 `heldout.order_gap` (mean |P(A>B) + P(B>A) - 1|), `sanity.<task>.target_vs_base`,
@@ -38,9 +39,9 @@ import torch.nn.functional as F
 from rich.progress import Progress
 
 from onereward import tracking
-from onereward.config import RewardConfig
+from onereward.config import JudgeSpec, RewardConfig
 from onereward.models import tensors
-from onereward.models.judge import JudgeShape, Query, TinyJudge
+from onereward.models.judge import Judge, JudgeShape, Query, Source
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoint, Checkpoints
@@ -118,14 +119,15 @@ def square_symmetry(x: torch.Tensor, sym: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def both_orders_loss(judge: TinyJudge, winner: torch.Tensor, loser: torch.Tensor, q: Query) -> torch.Tensor:
+def both_orders_loss(judge: Judge, winner: torch.Tensor, loser: torch.Tensor, q: Query) -> torch.Tensor:
     """Cross-entropy on (winner, loser) -> Yes and (loser, winner) -> No."""
+    logits = judge.both_orders_logits(winner, loser, q)
     labels = torch.cat([torch.zeros(len(winner)), torch.ones(len(winner))]).long()  # 0 = Yes, 1 = No
-    return F.cross_entropy(judge.both_orders_logits(winner, loser, q), labels)
+    return F.cross_entropy(logits, labels.to(logits.device))
 
 
 @torch.no_grad()
-def score_pairs(judge: TinyJudge, d: dict, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(judge: Judge, d: dict, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """P(winner better than loser) asked both ways: (P(Yes | winner, loser), P(Yes | loser, winner))."""
     judge.model.eval()
     fwd, rev = [], []
@@ -134,10 +136,10 @@ def score_pairs(judge: TinyJudge, d: dict, batch: int = 128) -> tuple[np.ndarray
         p_wl, p_lw = judge.p_yes_both_orders(d["winner"][sl], d["loser"][sl], d["query"][sl])
         fwd.append(p_wl)
         rev.append(p_lw)
-    return torch.cat(fwd).numpy(), torch.cat(rev).numpy()
+    return torch.cat(fwd).cpu().numpy(), torch.cat(rev).cpu().numpy()
 
 
-def evaluate_judge(judge: TinyJudge, rows: list[dict], pairs: dict) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_judge(judge: Judge, rows: list[dict], pairs: dict) -> tuple[dict[str, float], np.ndarray]:
     """Held-out metrics of `rows` (their pair_tensors: `pairs`), and the judge's order-averaged P(winner better)
     of each row."""
     fwd, rev = score_pairs(judge, pairs)
@@ -229,7 +231,7 @@ def _lr_at(step: int, r: RewardConfig) -> float:
     return r.lr
 
 
-def _scores(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, str]], winner: torch.Tensor,
+def _scores(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]], winner: torch.Tensor,
             loser: torch.Tensor, q: Query) -> tuple[torch.Tensor, torch.Tensor]:
     """The warm-up's linear score of each winner and loser over its pooled vision features."""
     b = len(winner)
@@ -239,7 +241,7 @@ def _scores(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, str]], w
     return (feats[:b] * w).sum(-1), (feats[b:] * w).sum(-1)
 
 
-def vision_accuracy(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, str]], rows: list[dict],
+def vision_accuracy(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]], rows: list[dict],
                     pairs: dict, batch: int = 256) -> dict[str, float]:
     """`warmup.heldout.acc_kind.<kind>` and `warmup.heldout.acc_cand.mean`: how often the warm-up's score alone
     ranks the held-out pairs right, i.e. whether the image features separate a kind at all before the query
@@ -261,7 +263,7 @@ def vision_accuracy(judge: TinyJudge, head: torch.Tensor, keys: list[tuple[str, 
     return out
 
 
-def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, label: str,
+def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label: str,
                    held: tuple[list[dict], dict] | None = None, ckpts: Checkpoints | None = None,
                    ck: Checkpoint | None = None) -> dict[str, float]:
     """Bradley-Terry on the vision tower alone before the pairwise query is trained: a linear score per
@@ -314,13 +316,14 @@ def warm_up_vision(judge: TinyJudge, train: dict, r: RewardConfig, seed: int, la
     return metrics
 
 
-def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
+def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
               label: str, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
               warmup: dict[str, float] | None = None) -> None:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps. With
     `ckpts` it saves a checkpoint (with the warm-up's metrics) every `reward.checkpoint_every` steps, counted after
     the warm-up's, and goes on from `ck`, one saved after the warm-up."""
-    opt = torch.optim.AdamW(judge.parameters(), lr=r.lr, fused=True)
+    params = judge.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=r.lr, fused=True)
     rng = torch.Generator().manual_seed(seed)
     offset, start = r.vision_warmup_steps, 0
     if ck:
@@ -339,7 +342,7 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict,
             loss = both_orders_loss(judge, *draw_batch(train, r, rng))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(judge.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             bar.advance(task)
             if step % 10 == 0:
@@ -355,6 +358,13 @@ def fit_judge(judge: TinyJudge, train: dict, held: list[dict], held_pairs: dict,
             if ckpts and ckpts.due(offset + step + 1, offset + r.steps):
                 ckpts.save(offset + step + 1, opt, rng, folders={"judge": judge.save},
                            progress={"phase": "fit", "warmup": warmup or {}})
+
+
+def new_judge(spec: JudgeSpec, cells: list[tuple[str, str]], prompts: list[str], seed: int) -> Judge:
+    """A tiny judge built from config, or the pretrained checkpoint at `spec.base_uri` with a fresh adapter."""
+    if spec.base_uri:
+        return Judge.from_pretrained(Source(spec.base_uri, spec.lora_rank, spec.dtype), spec.side, spec.arch)
+    return Judge.build(cells, prompts, JudgeShape(arch=spec.arch, image_size=spec.side), seed=seed)
 
 
 def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
@@ -375,9 +385,12 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     cells = sorted({(x["task"], x["criterion"]) for x in rows})
     ckpts = Checkpoints(ctx, r.checkpoint_every)
     ck = ckpts.resume()
-    judge = TinyJudge.load(ck.folder("judge")) if ck else TinyJudge.build(
-        cells, sorted({p for p, _ in context.values()}), JudgeShape(arch=spec.arch), seed=s.seed)
-    print(f"{stage}: {spec.arch}, {len(train)} training pairs, {len(held)} held out "
+    judge = Judge.load(ck.folder("judge")) if ck else new_judge(
+        spec, cells, sorted({p for p, _ in context.values()}), s.seed)
+    if spec.gradient_checkpointing:
+        judge.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    what = f"{spec.base_uri} (LoRA r={spec.lora_rank}, {spec.dtype})" if spec.base_uri else "tiny"
+    print(f"{stage}: {spec.arch} {what} on {judge.device}, {len(train)} training pairs, {len(held)} held out "
           f"(split {spec.split_seed}), {len(cells)} cells, {r.vision_warmup_steps} vision warm-up steps, then "
           f"{r.steps} steps of {r.batch_size} pairs (both orders)",
           flush=True)
