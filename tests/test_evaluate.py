@@ -25,6 +25,42 @@ FIRST = ["evaluate.gates.max_bg_psnr_drop=100", "evaluate.gates.max_mask_error_r
          "evaluate.gates.max_measure_rise=100", "evaluate.gates.min_student_quality=0"]
 
 
+def test_adapters_on_one_flux_base_share_its_network_and_sample_as_each_loaded_alone(flux_base, tmp_path):
+    """evaluate's contenders on flux (base, teacher, student, champion) are adapters on one FLUX: one network serves
+    them all, each sampling what its folder loaded on its own samples; a tiny generator loads on its own."""
+    from onereward.config import GeneratorConfig
+    from onereward.models.flux import FluxFillGenerator, write_pointer
+    from onereward.models.tiny_unet import TinyUNetGenerator
+    from onereward.stages.evaluate import load_sharing
+
+    write_pointer(tmp_path / "base", GeneratorConfig(kind="flux_fill", base_uri=str(flux_base), lora_rank=4,
+                                                     dtype="float32"), 32)
+    for i, name in enumerate(("teacher", "student")):
+        gen = FluxFillGenerator.load(tmp_path / "base")
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in gen.parameters():  # the adapter's A and B: an adapter that moved away from the base
+                p.add_(torch.randn_like(p) * 0.3)
+        gen.save(tmp_path / name)
+    TinyUNetGenerator.build(load_config("tiny").generator, ["fill red circle"], 32).save(tmp_path / "tiny")
+
+    gens = load_sharing({n: tmp_path / n for n in ("base", "teacher", "student", "tiny")})
+    assert len({id(gens[n].gen) for n in ("base", "teacher", "student")}) == 1
+    assert isinstance(gens["tiny"], TinyUNetGenerator)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    masks = (torch.rand(2, 1, 32, 32, generator=g) > 0.5).float()
+    samples = {}
+    for n in ("base", "teacher", "student", "base"):  # the base again after the others were put in place
+        alone = FluxFillGenerator.load(tmp_path / n)
+        mine = gens[n].sample(images, masks, ["fill red circle", "extend"], steps=2, seed=0)
+        assert torch.equal(mine, alone.sample(images, masks, ["fill red circle", "extend"], steps=2, seed=0)), n
+        assert gens[n].weights_digest() == alone.weights_digest(), n
+        samples[n] = mine
+    assert not torch.equal(samples["teacher"], samples["student"])
+    assert not torch.equal(samples["teacher"], samples["base"])
+
+
 def _gt(bg=30.0, mse=0.04, measure=0.1):
     return {"bg_psnr": bg, "bg_ssim": 0.9, "mse_mask": mse, "measure": measure}
 

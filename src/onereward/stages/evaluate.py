@@ -15,13 +15,16 @@ win_rate_high,good,same,bad}` vs the champion (vs the base when there is none), 
 `<model>.latency_s` (one image); `student.quality_ratio`, `student.speed_ratio`; `gate.passed`.
 
 Each model samples the same held-out conditions from the same noise at its own setting: base and teacher with
-the teacher's steps and CFG, the student and the champion with their registered step counts and no CFG.
+the teacher's steps and CFG, the student and the champion with their registered step counts and no CFG. Models
+that are adapters on one external base (flux: base, teacher, student and a champion trained from the same FLUX)
+share one network, each adapter put in place for its own calls, as in rl_finetune: one FLUX in memory, not four.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +36,20 @@ from onereward import tracking
 from onereward.config import GateConfig
 from onereward.data.images import to_png
 from onereward.models import tensors
-from onereward.models.generator import MaskedFlowGenerator, load_generator
+from onereward.models.generator import META, MaskedFlowGenerator, load_generator
 from onereward.models.judge import Judge
 from onereward.stages import GateFailed, StageContext
 from onereward.stages.promote import Verdict, current_champion
 from onereward.stages.rl_finetune import (
     Conditions,
+    WeightsView,
     _criteria,
     _load_judge,
     bootstrap_interval,
     pairwise_p,
     sample_grid,
     sample_rows,
+    trainable_state,
     validation_rows,
     wins_of,
 )
@@ -61,7 +66,7 @@ class GatesRefused(GateFailed):
 @dataclass
 class Contender:
     name: str  # base | teacher | student | student_<k> | champion
-    gen: MaskedFlowGenerator
+    gen: MaskedFlowGenerator | WeightsView
     steps: int
     guidance: float
     version: str | None = None
@@ -186,8 +191,36 @@ def report_html(title: str, verdict: Verdict, metrics: dict[str, float], models:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def load_champion(name: str, home: Path) -> tuple[str, MaskedFlowGenerator, int, float] | None:
-    """The registry's champion: (version, generator, sample steps, guidance) from its tags, or None."""
+def load_sharing(folders: dict[str, Path]) -> dict[str, MaskedFlowGenerator | WeightsView]:
+    """The generator saved in each folder. Those that are adapters on one external base (`base_uri`, with the same
+    rank, size and dtype) share one network: each is a view with its adapter's weights, and a folder that is the
+    base's pointer (no adapter) gets the adapter as loaded fresh, which is the base (B = 0)."""
+    from onereward.models import lora
+    from onereward.models.flux import FluxFillGenerator
+
+    nets: dict[tuple, tuple[FluxFillGenerator, dict[str, torch.Tensor]]] = {}
+    out: dict[str, MaskedFlowGenerator | WeightsView] = {}
+    for name, folder in folders.items():
+        meta = json.loads((folder / META).read_text())
+        if not (meta.get("base_uri") and meta.get("lora_rank")):
+            out[name] = load_generator(folder)
+            continue
+        key = (meta["base_uri"], meta.get("image_size", 512), meta.get("dtype", "bfloat16"), meta["lora_rank"])
+        if key not in nets:
+            gen = FluxFillGenerator.from_pretrained(*key)  # (uri, image size, dtype, rank)
+            nets[key] = (gen, trainable_state(gen))
+        gen, fresh = nets[key]
+        state = fresh
+        if meta.get("adapter"):
+            lora.load_adapter(gen.pipe.transformer, folder / meta["adapter"], f"lora_rank in {folder / META}")
+            state = trainable_state(gen)
+        out[name] = WeightsView(gen, state)
+    return out
+
+
+def load_champion(name: str, home: Path) -> tuple[str, Path, int, float] | None:
+    """The registry's champion: (version, its generator's folder under `home`, sample steps, guidance) from its
+    tags, or None."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -197,8 +230,8 @@ def load_champion(name: str, home: Path) -> tuple[str, MaskedFlowGenerator, int,
     tags = client.get_model_version(name, version).tags
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
                                                      dst_path=str(home / f"champion-{version}")))
-    folder = next(p.parent for p in local.rglob("generator.json"))
-    return version, load_generator(folder), int(tags.get("sample_steps", 4)), float(tags.get("guidance", 1.0))
+    folder = next(p.parent for p in local.rglob(META))
+    return version, folder, int(tags.get("sample_steps", 4)), float(tags.get("guidance", 1.0))
 
 
 def evaluate(ctx: StageContext) -> dict[str, float]:
@@ -210,21 +243,21 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     sets = {t: Conditions.of(r) for t, r in validation_rows(ctx.inputs["conditions"], ev.conditions).items() if r}
     student_reg = ctx.inputs["student"].read_json("registry.json")
     name = student_reg["name"]
-    def load(art: str) -> MaskedFlowGenerator:
-        return load_generator(ctx.inputs[art].local_dir() / "model")
-
-    student_gen = load("student")
+    folders = {m: ctx.inputs[art].local_dir() / "model"
+               for m, art in (("base", "base_model"), ("teacher", "policy"), ("student", "student"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        champ = load_champion(name, Path(tmp))
+        gens = load_sharing(folders | ({"champion": champ[1]} if champ else {}))
+    student_gen = gens["student"]
     judges = {j: _load_judge(ctx.inputs[art], student_gen.device)
               for j, art in (("audit", "audit_model"), ("reward", "reward_model"))}
-    contenders = [Contender("base", load("base_model"), dc.teacher_steps, dc.teacher_guidance),
-                  Contender("teacher", load("policy"), dc.teacher_steps, dc.teacher_guidance,
+    contenders = [Contender("base", gens["base"], dc.teacher_steps, dc.teacher_guidance),
+                  Contender("teacher", gens["teacher"], dc.teacher_steps, dc.teacher_guidance,
                             str(ctx.inputs["policy"].read_json("registry.json")["version"])),
                   Contender("student", student_gen, dc.steps, 1.0, str(student_reg["version"]))]
     contenders += [Contender(f"student_{k}", student_gen, k, 1.0) for k in dc.report_steps if k != dc.steps]
-    with tempfile.TemporaryDirectory() as tmp:
-        champ = load_champion(name, Path(tmp))
     if champ is not None:
-        contenders.append(Contender("champion", champ[1], champ[2], champ[3], champ[0]))
+        contenders.append(Contender("champion", gens["champion"], champ[2], champ[3], champ[0]))
     incumbent = "champion" if champ is not None else "base"
     print(f"evaluate: student version {student_reg['version']} vs {incumbent}"
           + (f" version {champ[0]}" if champ else "") + f" on {sum(len(c.rows) for c in sets.values())} held-out "

@@ -236,13 +236,23 @@ class WeightsView:
     def __init__(self, gen: MaskedFlowGenerator, state: dict[str, torch.Tensor]):
         self.gen, self.state = gen, state
 
-    def sample(self, *args, **kwargs) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        return self.gen.device
+
+    def _in_place(self, call):
         own = trainable_state(self.gen)
         load_trainable_state(self.gen, self.state)
         try:
-            return self.gen.sample(*args, **kwargs)
+            return call()
         finally:
             load_trainable_state(self.gen, own)
+
+    def sample(self, *args, **kwargs) -> torch.Tensor:
+        return self._in_place(lambda: self.gen.sample(*args, **kwargs))
+
+    def weights_digest(self) -> str:
+        return self._in_place(self.gen.weights_digest)
 
 
 @dataclass
