@@ -29,6 +29,21 @@ def test_the_flux_profile_at_toy_width_runs_the_whole_graph(home, flux_base, jud
         art = storage.Artifact(done[stage].outputs[output])
         assert sorted(art.files("judge/")) == ["judge/adapter.safetensors", "judge/judge.json"], stage
         assert art.read_json("judge/judge.json")["source"]["base_uri"] == str(judge_bases[arch])
+    # the registered judge serves: the pyfunc loads the base from its URI, the adapter from the model's artifacts,
+    # and scores as the stage's own folder does
+    import pandas as pd
+
+    from onereward.models.registry import judge_example
+    from onereward.serving_judge import JudgeModel
+
+    example = pd.concat([judge_example(32)] * 2, ignore_index=True)
+    example.loc[1, "task"], example.loc[1, "criterion"], example.loc[1, "prompt"] = "text", "text_correctness", "A7"
+    served = mlflow.pyfunc.load_model("models:/onereward-reward-model@training").predict(example)["p_a_better"]
+    local = JudgeModel()
+    local.load_context(type("Context", (), {"artifacts": {"judge": str(storage.Artifact(
+        done["train_reward"].outputs["reward_model"]).local_dir() / "judge")}})())
+    assert served.tolist() == local.predict(None, example)["p_a_better"].tolist()
+    assert len(set(served.round(6))) == 2  # the two queries are told apart
     promotion = storage.Artifact(done["promote"].outputs["promotion"]).read_json("promotion.json")
     assert promotion["promoted"] is True
     champion = mlflow.MlflowClient().get_model_version_by_alias("onereward-generator", "champion")
