@@ -3,7 +3,10 @@ transformer and VAE (`models.flux.FLUX_FILL_DEV`) and Qwen2.5-VL-7B as the judge
 published configs in bf16. Prints time and peak GPU memory of
 
   - a sampling step (one transformer pass; a true-CFG step is two) at 512² and 1024², and a whole 28-step sample;
-  - a judge scoring batch (P(Yes) for pairs, no gradients: what evaluation and the audit do);
+  - a judge scoring batch (P(Yes) for pairs, no gradients: what evaluation and the audit do), asked as the flux
+    profile's pretrained judge is (ChatML, a byte-level BPE tokenizer standing in for Qwen's);
+  - a judge training step: train_reward's on the judge's LoRA adapter (r=64 on the language model's attention,
+    gradient checkpointing), both orders of each pair;
   - one RL step with LoRA: `stages.rl_finetune.rl_step` as the stage runs it (reference sampling, policy rollout
     then one jump with gradients, the judge in both orders plus the anchor, backward + AdamW), split by phase.
 
@@ -31,7 +34,7 @@ PROMPTS = {"fill": "a red circle on grass", "extend": "extend the scene", "remov
 
 
 def qwen25_vl_7b(tokenizer):
-    """Qwen2.5-VL-7B-Instruct's architecture (config.json of the release), the word-level query vocabulary
+    """Qwen2.5-VL-7B-Instruct's architecture (config.json of the release), the stand-in tokenizer's vocabulary
     inside its 152,064-row embedding."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -144,9 +147,11 @@ def main() -> None:
 
     from onereward.config import TASKS, RLConfig, load_config
     from onereward.models.flux import FLUX_FILL_DEV, FluxFillGenerator
-    from onereward.models.judge import Judge, JudgeShape, Query
-    from onereward.models.judge import build_tokenizer as judge_tokenizer
+    from onereward.models.judge import LORA_TARGETS as JUDGE_LORA
+    from onereward.models.judge import Judge, JudgeShape, Query, Source, chat_tokenizer, write_toy_checkpoint
+    from onereward.models.lora import add_lora
     from onereward.stages.rl_finetune import rl_step
+    from onereward.stages.train_reward import both_orders_loss
 
     device = torch.device("cpu" if args.toy else "cuda")
     dtype = torch.float32 if args.toy else torch.bfloat16
@@ -184,10 +189,14 @@ def main() -> None:
     args.rl_only or meter.time(f"sample {size}px, {steps} steps, VAE decode", lambda: gen.sample(
         cond.batch["images"], cond.batch["masks"], cond.batch["prompts"], steps=steps), repeats=1)
 
-    tk = judge_tokenizer([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()))
+    cells = [(t, c) for t in TASKS for c in criteria[t]]
+    tk = chat_tokenizer(cells, list(PROMPTS.values()))
     if args.toy:
-        jshape = JudgeShape(arch="qwen2_5_vl")
-        judge = Judge.build([(t, c) for t in TASKS for c in criteria[t]], list(PROMPTS.values()), jshape)
+        import tempfile
+
+        folder = write_toy_checkpoint(tempfile.mkdtemp() + "/judge", "qwen2_5_vl", cells, list(PROMPTS.values()))
+        judge = Judge.from_pretrained(Source(str(folder), 64, "float32"), 32, "qwen2_5_vl", device)
+        jshape = judge.shape
     else:
         jshape = JudgeShape(arch="qwen2_5_vl", image_size=448, patch_size=14, merge_size=2, temporal_patch_size=2)
         t0 = time.perf_counter()
@@ -196,14 +205,13 @@ def main() -> None:
         with torch.device(device):
             model = qwen25_vl_7b(tk)
         torch.set_default_dtype(default)
-        judge = Judge(model, tk, jshape)
+        add_lora(model, 64, JUDGE_LORA)
+        judge = Judge(model, tk, jshape, Source("random initialisation", 64, "bfloat16"))
         n_judge = sum(p.numel() for p in model.parameters())
         print(f"Qwen2.5-VL-7B judge: {n_judge / 1e9:.2f} B parameters, built in {time.perf_counter() - t0:.0f} s; "
               f"everything held: {meter.held_gib():.1f} GiB", flush=True)
         meter.results["judge"] = {"parameters": n_judge, "held_gib": meter.held_gib(),
                                   "tokens_per_image": jshape.tokens_per_image}
-    judge.model.eval().requires_grad_(False)
-
     jb = args.judge_batch
     cond = conditions(jb, size, device)
     a, b_ = cond.batch["images"].to(device, dtype), cond.batch["targets"].to(device, dtype)
@@ -211,8 +219,26 @@ def main() -> None:
               cond.context.to(device, dtype))
     print(f"judge scoring, {jb} pairs at {jshape.image_size}px ({jshape.tokens_per_image} tokens an image):",
           flush=True)
+    judge.model.eval()
     with torch.no_grad():
         args.rl_only or meter.time(f"judge batch {jb}", lambda: judge.p_yes(a, b_, q))
+    adapter = judge.trainable_parameters()
+    print(f"judge training step, {jb} pairs in both orders, LoRA r=64 on {JUDGE_LORA} "
+          f"({sum(p.numel() for p in adapter) / 1e6:.1f} M trainable), gradient checkpointing:", flush=True)
+    judge_opt = torch.optim.AdamW(adapter, lr=1e-4)
+
+    def judge_step() -> None:
+        loss = both_orders_loss(judge, a, b_, q)
+        judge_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        judge_opt.step()
+
+    judge.model.train()
+    if not args.toy:
+        judge.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    args.rl_only or meter.time(f"judge training step {jb}", judge_step, repeats=2)
+    judge_opt.state.clear()
+    judge.model.eval().requires_grad_(False)
 
     from peft import LoraConfig
 

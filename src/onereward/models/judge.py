@@ -442,10 +442,21 @@ def write_toy_checkpoint(path: str | Path, arch: str, tasks_criteria: list[tuple
     """A Qwen-VL checkpoint at toy width laid out as `save_pretrained` writes a real one (config, safetensors, a
     byte-level BPE tokenizer with Qwen's special tokens, trained locally on the judge's queries): the flux
     profile's judges on the CPU, where no 7B checkpoint can come from a hub."""
+    path = Path(path)
+    tk = chat_tokenizer(tasks_criteria, prompts)
+    torch.manual_seed(seed)
+    shape = JudgeShape(arch=arch)
+    _classes(arch)[1](_config(shape, tk, max_positions=4096)).save_pretrained(path, safe_serialization=True)
+    tk.save_pretrained(path)
+    return path
+
+
+def chat_tokenizer(tasks_criteria: list[tuple[str, str]], prompts: list[str]):
+    """A byte-level BPE tokenizer with Qwen's special tokens, trained locally on the chat queries (a stand-in for a
+    pretrained judge's own: any text encodes, `Yes` and `No` are one token each)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    path = Path(path)
     corpus = [chat_query_text(t, c, p, 1) + answer for t, c in tasks_criteria for p in prompts for answer in ANSWERS]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -453,10 +464,5 @@ def write_toy_checkpoint(path: str | Path, arch: str, tasks_criteria: list[tuple
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=512, special_tokens=CHAT_SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                 additional_special_tokens=CHAT_SPECIALS[1:])
-    torch.manual_seed(seed)
-    shape = JudgeShape(arch=arch)
-    _classes(arch)[1](_config(shape, tk, max_positions=4096)).save_pretrained(path, safe_serialization=True)
-    tk.save_pretrained(path)
-    return path
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   additional_special_tokens=CHAT_SPECIALS[1:])
