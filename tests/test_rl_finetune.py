@@ -186,6 +186,24 @@ def test_resumes_after_sigkill_to_the_unkilled_result(profile, processes, rl_hom
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4)
 
 
+def test_a_run_killed_as_one_process_resumes_as_two(rl_home, tmp_path):
+    """A node pool that comes back with more GPUs: the checkpoint of one process is resumed by two (torchrun), the
+    main process going on with its own draws and the new one seeded afresh, to the configured number of steps."""
+    overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]
+    _, step = _step(overrides)
+    cmd = stage_command("rl_finetune", step.inputs, {"policy": str(tmp_path / "policy")}, [*UPSTREAM, *overrides])
+    ckpt = f"{tmp_path / 'policy'}.scratch/checkpoint"
+    env = {**os.environ, "ONEREWARD_HOME": str(rl_home), "OMP_NUM_THREADS": "1"}
+    killed_at, _ = kill_after_checkpoint(cmd, env, ckpt)
+    assert killed_at < 12
+    said = rerun_to_the_end(data_parallel(cmd, 2), env, killed_at, "rl_finetune")
+    assert "rl_finetune: 2 processes resume the checkpoint of 1; the 1 new draw afresh" in said, said[-2000:]
+    resumed = storage.Artifact(str(tmp_path / "policy"))
+    evals = resumed.read_json("validation.json")["evals"]
+    assert [e["step"] for e in evals][-1] == 12, evals
+    assert not storage.Artifact(ckpt).exists()
+
+
 def test_flux_trains_a_lora_adapter_against_the_judge_on_one_copy_of_the_base(rl_home, flux_base, tmp_path):
     """The flux profile's rl_finetune at toy width on CPU: a LoRA adapter trained on one copy of the network (the
     policy, the reference and the base are its weights swapped in), saved alone beside the base's URI."""

@@ -415,8 +415,12 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
             kept = ck.tensors("ranks_rng") or {}
             if str(workers.rank) in kept:
                 rng.set_state(kept[str(workers.rank)])
-            else:  # the checkpoint was left by fewer processes than resume it
+            elif not workers.main:  # left by fewer processes than resume it: the main one goes on with its own
                 rng.manual_seed(seed + start)
+            left = max(len(kept), 1)
+            if workers.main and workers.world > left:
+                print(f"rl_finetune: {workers.world} processes resume the checkpoint of {left}; the "
+                      f"{workers.world - left} new draw afresh from step {start}", flush=True)
     t0 = time.perf_counter()
     with Progress(transient=False, disable=not workers.main) as bar:
         task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
