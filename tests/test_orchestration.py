@@ -9,18 +9,18 @@ import pytest
 import yaml
 from sizes import WHOLE_GRAPH
 
-from onereward.config import load_config
+from onereward.config import ConfigError, load_config
 from onereward.orchestration import contract
 from onereward.pipeline import GRAPH, PENDING, Graph, Output, Resources, Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _compile(tmp_path, graph=GRAPH):
+def _compile(tmp_path, graph=GRAPH, overrides=()):
     from onereward.orchestration.kfp_pipeline import compile_pipeline
 
     out = tmp_path / "pipeline.yaml"
-    compile_pipeline(str(out), load_config("flux"), "img:cpu", "img:gpu", graph)
+    compile_pipeline(str(out), load_config("flux", list(overrides)), "img:cpu", "img:gpu", graph)
     docs = list(yaml.safe_load_all(out.read_text()))
     return docs[0], (docs[1] if len(docs) > 1 else {})
 
@@ -51,25 +51,32 @@ def test_kfp_compiles_one_task_per_stage_with_gpu_settings(tmp_path):
 
 
 def test_a_data_parallel_stage_on_several_gpus_runs_one_process_per_gpu(tmp_path, kubeconfig):
-    """rl_finetune given 4 GPUs in the graph: its KFP container and its Airflow pod start `accelerate launch` with
-    4 processes; every other stage, and rl_finetune on one GPU (the graph as shipped), runs `onereward` itself."""
-    from dataclasses import replace
-
+    """rl_finetune given 4 GPUs by the config (`resources.gpus`): its KFP task and its Airflow pod ask for 4 GPUs
+    and start `accelerate launch` with 4 processes; every other stage, and rl_finetune on one GPU (the profile as
+    shipped), runs `onereward` itself. A count for a CPU stage, or more than one for a one-process stage, is
+    refused by name."""
     from onereward.orchestration.airflow_dag import build_dag
 
-    four = Graph(tuple(replace(s, resources=replace(s.resources, gpu=4)) if s.name == "rl_finetune" else s
-                       for s in GRAPH))
+    four = ["resources.gpus={rl_finetune: 4}"]
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "4", "-m", "onereward"]
     assert contract.entrypoint(GRAPH.get("rl_finetune")) == ["onereward"]
-    spec, _ = _compile(tmp_path, four)
-    for s in four:
-        ex = spec["deploymentSpec"]["executors"][f"exec-{s.name.replace('_', '-')}"]["container"]
+    spec, _ = _compile(tmp_path, overrides=four)
+    for s in GRAPH:
+        task = f"exec-{s.name.replace('_', '-')}"
+        ex = spec["deploymentSpec"]["executors"][task]["container"]
         assert ex["command"] == (launch if s.name == "rl_finetune" else ["onereward"]), s.name
-    dag = build_dag(four, mode="kubernetes", config="flux", dag_id="dp_check")
+        if s.name == "rl_finetune":
+            assert ex["resources"]["accelerator"]["resourceCount"] == "4"
+    dag = build_dag(mode="kubernetes", config="flux", overrides=four, dag_id="dp_check")
     rl = dag.get_task("rl_finetune").build_pod_request_obj().spec.containers[0]
     assert rl.command == launch and rl.args[:2] == ["stage", "rl_finetune"]
     assert rl.resources.limits["nvidia.com/gpu"] == "4"
     assert dag.get_task("distill").build_pod_request_obj().spec.containers[0].command == ["onereward"]
+    for gpus, message in (("{curate: 1}", "stage 'curate' runs on the CPU node pool"),
+                          ("{distill: 2}", "stage 'distill' runs in one process and would use one of 2 GPUs"),
+                          ("{judge: 1}", "unknown stage 'judge'")):
+        with pytest.raises(ConfigError, match=message):
+            build_dag(mode="kubernetes", config="flux", overrides=[f"resources.gpus={gpus}"], dag_id="bad")
 
 
 def test_kfp_caching_is_off_exactly_for_fingerprinted_stages_and_retries_follow_the_graph(tmp_path):

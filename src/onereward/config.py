@@ -391,6 +391,12 @@ class Resources(Strict):
     gpu_accelerator: str = "NVIDIA_H100_80GB"  # value of the node selector / KFP accelerator type
     toleration_key: str = "nvidia.com/gpu"
     cpu_node_pool: str = "cpu-pool"
+    # GPUs of a stage's KFP task / Airflow pod where the graph's one will not do (stage name -> count): a
+    # data-parallel stage (rl_finetune) runs a process per GPU under `accelerate launch`, each drawing its own
+    # batch (the global batch is GPUs x rl.batch_size). Not in any key, like the node pool: a cached policy is
+    # reused whatever the count, and a killed run resumes with another (the new processes draw afresh). The
+    # local runner runs each stage as one process.
+    gpus: dict[str, PositiveInt] = Field(default_factory=dict)
 
 
 class StorageConfig(Strict):

@@ -122,6 +122,26 @@ class Graph:
     def with_stage(self, stage: Stage) -> Graph:
         return replace(self, stages=(*self.stages, stage))
 
+    def with_gpus(self, gpus: dict[str, int]) -> Graph:
+        """The graph with the GPU counts of `gpus` (config `resources.gpus`: stage name -> GPUs of its pod).
+        Only a stage that runs on a GPU may get one, and more than one only a data-parallel stage, which runs a
+        process per GPU; any other would leave the rest idle."""
+        from onereward.config import ConfigError
+
+        for name, n in gpus.items():
+            if name not in self.names:
+                raise ConfigError(f"resources.gpus.{name}: unknown stage {name!r}; stages: {', '.join(self.names)}")
+            stage = self.get(name)
+            if not stage.resources.gpu:
+                raise ConfigError(f"resources.gpus.{name}: stage {name!r} runs on the CPU node pool")
+            if n > 1 and not stage.data_parallel:
+                raise ConfigError(f"resources.gpus.{name}: stage {name!r} runs in one process and would use one "
+                                 f"of {n} GPUs; only data-parallel stages "
+                                 f"({', '.join(s.name for s in self.stages if s.data_parallel)}) take more")
+        return replace(self, stages=tuple(
+            replace(s, resources=replace(s.resources, gpu=gpus[s.name])) if s.name in gpus else s
+            for s in self.stages))
+
 
 PENDING = "onereward.stages.pending:not_implemented"  # the func of a stage declared before it is built
 

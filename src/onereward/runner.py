@@ -310,6 +310,10 @@ def run_pipeline(
         graph.get(until)
     for f in force:
         graph.get(f)
+    many = {k: n for k, n in settings.resources.gpus.items() if n > 1}
+    if many and graph.with_gpus(settings.resources.gpus):
+        console.print(f"resources.gpus {many}: KFP and Airflow run those stages as a process per GPU; this runner "
+                      "runs each as one process (`accelerate launch -m onereward stage ...` runs one as several)")
     planned = plan(settings, graph)
     n, done = len(planned), 0
     steps = planned[: graph.names.index(until) + 1] if until is not None else planned

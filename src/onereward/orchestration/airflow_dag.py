@@ -141,6 +141,7 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
     gpu_image = os.environ.get("ONEREWARD_GPU_IMAGE", "ghcr.io/onereward/onereward:0.1.0-gpu")
     namespace = os.environ.get("ONEREWARD_NAMESPACE", "onereward")
     settings = load_config(config, overrides)  # parsed once; pydantic + YAML only, no network
+    graph = graph.with_gpus(settings.resources.gpus)
     root_override = _root_override(settings)
     dag = DAG(
         dag_id=dag_id,
