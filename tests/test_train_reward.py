@@ -7,7 +7,14 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from resume import assert_same_metrics, assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
+from resume import (
+    assert_same_metrics,
+    assert_same_weights,
+    data_parallel,
+    kill_after_checkpoint,
+    rerun_to_the_end,
+    stage_command,
+)
 
 from onereward import storage
 from onereward.config import load_config
@@ -243,3 +250,48 @@ def test_judge_resumes_after_sigkill_in_either_phase_to_the_unkilled_judge(home,
     assert_same_weights(killed, storage.Artifact(unkilled), "judge/")
     assert_same_metrics(killed.read_json("heldout_metrics.json"),
                         storage.Artifact(unkilled).read_json("heldout_metrics.json"))
+
+
+def test_two_processes_train_one_judge_data_parallel(home, tmp_path):
+    """`torchrun --nproc_per_node 2` (what `accelerate launch` starts on a GPU node), gloo on the CPU, through the
+    vision warm-up and the pairwise phase with checkpoints: one judge written and registered by the main process,
+    different from a single process's (the second process's gradients are averaged in); killed after a
+    checkpoint, the two processes resume it to the same judge as a run never killed."""
+    import json
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
+    _preferences(prefs, conds, 24)
+    overrides = ["reward.steps=12", "reward.vision_warmup_steps=6", "reward.batch_size=8", "reward.eval_every=1000",
+                 "reward.checkpoint_every=4", "reward.min_target_vs_base=0", "reward.min_base_vs_collapsed=0", GATED]
+    inputs = {"preferences": prefs, "conditions": conds}
+    env = {**os.environ, "ONEREWARD_HOME": str(home), "OMP_NUM_THREADS": "1"}
+
+    def command(out: str) -> list[str]:
+        return data_parallel(stage_command("train_reward", inputs, {"reward_model": out}, overrides), 2)
+
+    out = str(tmp_path / "dp" / "judge")
+    done = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
+    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
+    assert "in each of 2 processes" in done.stdout
+    dp = storage.Artifact(out)
+    assert dp.exists() and dp.read_json("registry.json")["version"]
+
+    single = str(tmp_path / "single" / "judge")
+    execute_stage(STAGES["train_reward"], load_config("tiny", overrides), inputs, {"reward_model": single})
+    weights = [load_file(storage.Artifact(u).local_dir() / "judge" / "model" / "model.safetensors")
+               for u in (out, single)]
+    assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])
+
+    killed = str(tmp_path / "killed" / "judge")
+    at, _ = kill_after_checkpoint(command(killed), env, f"{killed}.scratch/checkpoint", at_least=8)  # pairwise
+    assert at < 18
+    rerun_to_the_end(command(killed), env, at, "train_reward")
+    assert_same_weights(storage.Artifact(killed), dp, "judge/")
+    assert_same_metrics(storage.Artifact(killed).read_json("heldout_metrics.json"),
+                        dp.read_json("heldout_metrics.json"))

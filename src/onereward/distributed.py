@@ -19,6 +19,9 @@ if TYPE_CHECKING:  # planning the graph imports this module and must not import 
     import torch
 
 
+RANK_SEED = 7919  # data-parallel process r draws its rows and noise from seed + RANK_SEED * r
+
+
 @dataclass(frozen=True)
 class Workers:
     rank: int = 0
@@ -56,6 +59,10 @@ class Workers:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def seed(self, seed: int) -> int:
+        """This process's seed for its draws: the main process draws what a single process does."""
+        return seed + RANK_SEED * self.rank
 
     def from_main(self, obj: Any) -> Any:
         """The main process's `obj`, on every process."""

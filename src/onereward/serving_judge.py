@@ -37,7 +37,7 @@ class JudgeModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             p_ab, p_ba = self.judge.p_yes_both_orders(a, b, q)
             p = (p_ab + 1 - p_ba) / 2
-        return pd.DataFrame({"p_a_better": p.numpy()})
+        return pd.DataFrame({"p_a_better": p.cpu().numpy()})  # a pretrained judge sits on a GPU if there is one
 
 
 mlflow.models.set_model(JudgeModel())

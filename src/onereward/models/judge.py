@@ -294,6 +294,12 @@ class Judge:
         """All of a tiny judge; the adapter of a pretrained one."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def weights_digest(self) -> str:
+        """sha256 of the trainable weights (data-parallel processes must end with the same)."""
+        from onereward.models.generator import tensors_digest
+
+        return tensors_digest((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

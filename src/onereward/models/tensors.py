@@ -24,7 +24,8 @@ def to_tensor(pngs: list[bytes], mode: str = "RGB") -> torch.Tensor:
 
 
 def to_pngs(images: torch.Tensor) -> list[bytes]:
-    arr = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    """(B, 3, H, W) in [-1, 1], on any device and in any float dtype (a flux sample is bf16 on the GPU)."""
+    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [to_png(a) for a in arr]
 
 
@@ -120,6 +121,6 @@ def beats_baselines(task: str, metrics: dict[str, torch.Tensor]) -> bool:
 
 def grid(rows_of_images: list[list[torch.Tensor]]) -> np.ndarray:
     """A contact sheet: each inner list is one row of (3,H,W) tensors in [-1, 1]."""
-    rows = [torch.cat(r, dim=2) for r in rows_of_images]
+    rows = [torch.cat([t.detach().float().cpu() for t in r], dim=2) for r in rows_of_images]  # samples may be on a GPU
     arr = ((torch.cat(rows, dim=1).clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     return np.kron(arr, np.ones((2, 2, 1), dtype=np.uint8))  # 2x upscale for viewing

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from onereward import storage, tracking
+from onereward.distributed import ONE_PROCESS, Workers
 from onereward.stages import StageContext
 
 STATE = "state.pt"
@@ -42,9 +43,31 @@ class Checkpoint:
         path = self.local / f"{name}.safetensors"
         return load_file(str(path)) if path.exists() else None
 
-    def restore(self, opt: torch.optim.Optimizer, rng: torch.Generator) -> None:
+    def restore(self, opt: torch.optim.Optimizer, rng: torch.Generator, workers: Workers = ONE_PROCESS,
+                seed: int = 0, stage: str = "") -> None:
+        """The optimizer and this process's RNG as saved. Of several data-parallel processes each goes on with its
+        own draws (`ranks_rng`); one the checkpoint's run did not have (resumed by more processes than left it)
+        starts afresh from `seed` + the step, and the main process says how many did."""
         opt.load_state_dict(self._state["optimizer"])
         rng.set_state(self._state["rng"])
+        if workers.world == 1:
+            return
+        kept = self.tensors("ranks_rng") or {}
+        if str(workers.rank) in kept:
+            rng.set_state(kept[str(workers.rank)])
+        elif not workers.main:  # the main process goes on with its own draws, saved as the checkpoint's "rng"
+            rng.manual_seed(seed + self.step)
+        left = max(len(kept), 1)
+        if workers.main and workers.world > left:
+            print(f"{stage}: {workers.world} processes resume the checkpoint of {left}; the {workers.world - left} "
+                  f"new draw afresh from step {self.step}", flush=True)
+
+
+def ranks_rng(workers: Workers, rng: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+    """Every data-parallel process's RNG state, for the main process's checkpoint (`tensors=`): a collective, so
+    every process calls it at each save; {} for one process."""
+    states = workers.gather(rng.get_state())
+    return {"ranks_rng": {str(r): g for r, g in enumerate(states)}} if workers.world > 1 else {}
 
 
 class Checkpoints:

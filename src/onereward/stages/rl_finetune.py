@@ -46,12 +46,11 @@ from onereward.models.generator import MaskedFlowGenerator, autocast, load_gener
 from onereward.models.judge import Judge, Query
 from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext, print_metrics
-from onereward.stages.checkpoint import Checkpoints
+from onereward.stages.checkpoint import Checkpoints, ranks_rng
 from onereward.stages.label_preferences import MEASURES, Ground
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.train_reward import square_symmetry
 
-RANK_SEED = 7919  # data-parallel process r draws its rows and noise from seed + RANK_SEED * r
 # Each task's own ground-truth measure (lower is better): what RL must move without being trained on it.
 TASK_MEASURE = {"fill": "alignment", "extend": "consistency", "removal": "residue", "text": "text_correctness"}
 
@@ -386,8 +385,7 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
     validated step. With several `workers` each draws its own rows and noise, and the main process alone
     validates (`val`; the others get None and its verdict), logs and checkpoints."""
     rc = s.rl
-    # process r draws from seed + RANK_SEED * r: the main process draws what a single process does
-    seed = s.seed + RANK_SEED * workers.rank
+    seed = workers.seed(s.seed)  # the main process draws what a single process does
     criteria = _criteria(s)
     ck = ckpts.resume()
     if ck and ck.tensors("policy") is None:  # an older onereward saved the policy as a model folder
@@ -409,18 +407,8 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
     opt = torch.optim.AdamW(list(policy.parameters()), lr=rc.lr, weight_decay=0.0, fused=True)
     rng, start = torch.Generator().manual_seed(seed), 0
     if ck:
-        ck.restore(opt, rng)
+        ck.restore(opt, rng, workers, seed, "rl_finetune")
         start = ck.step
-        if workers.world > 1:  # each process goes on with its own draws
-            kept = ck.tensors("ranks_rng") or {}
-            if str(workers.rank) in kept:
-                rng.set_state(kept[str(workers.rank)])
-            elif not workers.main:  # left by fewer processes than resume it: the main one goes on with its own
-                rng.manual_seed(seed + start)
-            left = max(len(kept), 1)
-            if workers.main and workers.world > left:
-                print(f"rl_finetune: {workers.world} processes resume the checkpoint of {left}; the "
-                      f"{workers.world - left} new draw afresh from step {start}", flush=True)
     t0 = time.perf_counter()
     with Progress(transient=False, disable=not workers.main) as bar:
         task_bar = bar.add_task("rl_finetune", total=rc.steps, completed=start)
@@ -454,11 +442,10 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
                 if prog.best_step == step:
                     best = trainable_state(policy)
             if ckpts.due(step, rc.steps) and prog.stopped_at is None:
-                rngs = workers.gather(rng.get_state())
+                rngs = ranks_rng(workers, rng)
                 if workers.main:
                     kept = {"policy": trainable_state(policy), "best": best} | (
-                        {"ema": ema} if ema is not None else {}) | (
-                        {"ranks_rng": {str(r): g for r, g in enumerate(rngs)}} if workers.world > 1 else {})
+                        {"ema": ema} if ema is not None else {}) | rngs
                     ckpts.save(step, opt, rng, tensors=kept,
                                progress={**prog.__dict__, "since_eval": since_eval, "window": window})
     seconds = time.perf_counter() - t0

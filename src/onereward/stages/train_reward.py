@@ -40,11 +40,12 @@ from rich.progress import Progress
 
 from onereward import tracking
 from onereward.config import JudgeSpec, RewardConfig
+from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.judge import Judge, JudgeShape, Query, Source
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
-from onereward.stages.checkpoint import Checkpoint, Checkpoints
+from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
 
 
 class JudgeGateFailed(GateFailed):
@@ -265,7 +266,7 @@ def vision_accuracy(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]
 
 def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label: str,
                    held: tuple[list[dict], dict] | None = None, ckpts: Checkpoints | None = None,
-                   ck: Checkpoint | None = None) -> dict[str, float]:
+                   ck: Checkpoint | None = None, workers: Workers = ONE_PROCESS) -> dict[str, float]:
     """Bradley-Terry on the vision tower alone before the pairwise query is trained: a linear score per
     (task, criterion) over each image's pooled features, pushed winner above loser; the score head is then
     dropped. Trained alone, the pairwise query sat at ln 2 for 1,000+ steps on candidate pairs (the answer token
@@ -273,13 +274,16 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
     a vision tower that already tells the images apart it learns in a few hundred steps. Returns
     `warmup.bt_loss`, the mean Bradley-Terry loss of the last tenth of the steps, and with `held` (held-out rows
     and their pair_tensors) the vision_accuracy metrics; {} without a warm-up. With `ckpts` it saves a checkpoint
-    every `reward.checkpoint_every` steps, and goes on from `ck`, one saved during the warm-up."""
+    every `reward.checkpoint_every` steps, and goes on from `ck`, one saved during the warm-up. With several
+    `workers` (data parallel) each draws its own batches and their gradients are averaged; the main process alone
+    checkpoints and measures `held`."""
     if r.vision_warmup_steps == 0:
         return {}
     q = train["query"]
     keys = sorted(set(zip(q.tasks, q.criteria, strict=True)))
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(workers.seed(seed))
     head = (torch.randn(len(keys), judge.shape.text_hidden, generator=rng) / judge.shape.text_hidden**0.5)
+    head = workers.from_main(head)  # one head for all: each process's generator drew its own
     if ck:
         head = ck.tensors("warmup")["head"]
     head.requires_grad_(True)
@@ -288,9 +292,9 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
     losses: list[float] = []
     start = 0
     if ck:
-        ck.restore(opt, rng)
+        ck.restore(opt, rng, workers, workers.seed(seed), label)
         losses, start = ck.progress["losses"], ck.step
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task(f"{label} vision warm-up", total=r.vision_warmup_steps, completed=start)
         for step in range(start, r.vision_warmup_steps):
             judge.model.train()
@@ -298,6 +302,7 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
             loss = F.softplus(lose - win).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            workers.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             bar.advance(task)
@@ -305,9 +310,14 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
             if step % 10 == 0:
                 tracking.log_metrics({"warmup_loss": loss.item()}, step=step)
             if ckpts and ckpts.due(step + 1, r.vision_warmup_steps + r.steps):
-                ckpts.save(step + 1, opt, rng, folders={"judge": judge.save}, tensors={"warmup": {"head": head}},
-                           progress={"phase": "warmup", "losses": losses})
+                rngs = ranks_rng(workers, rng)
+                if workers.main:
+                    ckpts.save(step + 1, opt, rng, folders={"judge": judge.save},
+                               tensors={"warmup": {"head": head}} | rngs,
+                               progress={"phase": "warmup", "losses": losses})
     metrics = {"warmup.bt_loss": float(np.mean(losses[-max(1, len(losses) // 10):]))}
+    if not workers.main:
+        return metrics
     if held is not None:
         metrics |= vision_accuracy(judge, head.detach(), keys, *held)
     print(f"{label}: vision warm-up {r.vision_warmup_steps} steps, Bradley-Terry loss {metrics['warmup.bt_loss']:.4f}"
@@ -318,22 +328,23 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
 
 def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
               label: str, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
-              warmup: dict[str, float] | None = None) -> None:
+              warmup: dict[str, float] | None = None, workers: Workers = ONE_PROCESS) -> None:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps. With
     `ckpts` it saves a checkpoint (with the warm-up's metrics) every `reward.checkpoint_every` steps, counted after
-    the warm-up's, and goes on from `ck`, one saved after the warm-up."""
+    the warm-up's, and goes on from `ck`, one saved after the warm-up. With several `workers` each draws its own
+    batches and their gradients are averaged; the main process alone measures the curve and checkpoints."""
     params = judge.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=r.lr, fused=True)
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(workers.seed(seed))
     offset, start = r.vision_warmup_steps, 0
     if ck:
-        ck.restore(opt, rng)
+        ck.restore(opt, rng, workers, workers.seed(seed), label)
         start = ck.step - offset
     # the curve on every k-th held-out pair: all 3,600 on `tiny` are ~15 s a point (estimated from the scoring rate)
     every = max(1, -(-len(held) // r.curve_pairs))
     curve_rows = held[::every]
     curve_pairs = {k: v[::every] for k, v in held_pairs.items()}
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task(label, total=r.steps, completed=start)
         for step in range(start, r.steps):
             judge.model.train()
@@ -342,12 +353,13 @@ def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: 
             loss = both_orders_loss(judge, *draw_batch(train, r, rng))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            workers.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             bar.advance(task)
             if step % 10 == 0:
                 tracking.log_metrics({"train_loss": loss.item()}, step=step)
-            if (step + 1) % r.eval_every == 0 and step + 1 < r.steps:
+            if workers.main and (step + 1) % r.eval_every == 0 and step + 1 < r.steps:
                 m, _ = evaluate_judge(judge, curve_rows, curve_pairs)
                 tracking.log_metrics({"heldout.acc.curve": m["heldout.acc.mean"],
                                       "heldout.acc_cand.curve": m.get("heldout.acc_cand.mean", 0.0)}, step=step + 1)
@@ -356,8 +368,10 @@ def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: 
                       f"(candidate pairs {m.get('heldout.acc_cand.mean', 0):.3f})",
                       flush=True)
             if ckpts and ckpts.due(offset + step + 1, offset + r.steps):
-                ckpts.save(offset + step + 1, opt, rng, folders={"judge": judge.save},
-                           progress={"phase": "fit", "warmup": warmup or {}})
+                rngs = ranks_rng(workers, rng)
+                if workers.main:
+                    ckpts.save(offset + step + 1, opt, rng, folders={"judge": judge.save}, tensors=rngs,
+                               progress={"phase": "fit", "warmup": warmup or {}})
 
 
 def new_judge(spec: JudgeSpec, cells: list[tuple[str, str]], prompts: list[str], seed: int) -> Judge:
@@ -389,19 +403,26 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
         spec, cells, sorted({p for p, _ in context.values()}), s.seed)
     if spec.gradient_checkpointing:
         judge.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    workers = ctx.workers
     what = f"{spec.base_uri} (LoRA r={spec.lora_rank}, {spec.dtype})" if spec.base_uri else "tiny"
-    print(f"{stage}: {spec.arch} {what} on {judge.device}, {len(train)} training pairs, {len(held)} held out "
-          f"(split {spec.split_seed}), {len(cells)} cells, {r.vision_warmup_steps} vision warm-up steps, then "
-          f"{r.steps} steps of {r.batch_size} pairs (both orders)",
-          flush=True)
+    if workers.main:
+        print(f"{stage}: {spec.arch} {what} on {judge.device}, {len(train)} training pairs, {len(held)} held out "
+              f"(split {spec.split_seed}), {len(cells)} cells, {r.vision_warmup_steps} vision warm-up steps, then "
+              f"{r.steps} steps of {r.batch_size} pairs (both orders)"
+              + (f" in each of {workers.world} processes" if workers.world > 1 else ""), flush=True)
     t0 = time.perf_counter()
     train_pairs, held_pairs = training_pairs(train, context, r), pair_tensors(held, context)
     in_warmup = ck is not None and ck.progress["phase"] == "warmup"
     if ck and not in_warmup:
         warmup = ck.progress["warmup"]
     else:
-        warmup = warm_up_vision(judge, train_pairs, r, s.seed, stage, (held, held_pairs), ckpts, ck)
-    fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage, ckpts, None if in_warmup else ck, warmup)
+        warmup = warm_up_vision(judge, train_pairs, r, s.seed, stage, (held, held_pairs), ckpts, ck, workers)
+    fit_judge(judge, train_pairs, held, held_pairs, r, s.seed, stage, ckpts, None if in_warmup else ck, warmup,
+              workers)
+    if workers.world > 1 and len(set(workers.gather(judge.weights_digest()))) > 1:
+        raise RuntimeError(f"{stage}: the data-parallel processes ended with different weights")
+    if not workers.main:  # the main process measures, gates, writes and registers
+        return {}
     metrics, p_win = evaluate_judge(judge, held, held_pairs)
     metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
