@@ -8,7 +8,14 @@ import time
 import pytest
 import torch
 from homes import copy_home, in_home
-from resume import assert_same_metrics, assert_same_weights, kill_after_checkpoint, rerun_to_the_end, stage_command
+from resume import (
+    assert_same_metrics,
+    assert_same_weights,
+    data_parallel,
+    kill_after_checkpoint,
+    rerun_to_the_end,
+    stage_command,
+)
 from sizes import DISTILL, EVALUATE, RL, UPSTREAM
 
 from onereward import storage
@@ -267,6 +274,42 @@ def test_the_champion_serves_an_image_per_task_and_refuses_malformed_requests(cr
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_two_processes_distill_one_student_data_parallel(crowned, tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2`, gloo on the CPU: both processes sample the teacher's states alike and train one
+    student, which the main process alone measures, writes and registers. Its first step is a single process's
+    (process 0 draws the rows one process draws, from the same teacher states); process 1's gradient, averaged
+    in, makes another student."""
+    import json
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
+    overrides = [*SMALL, *FIRST, "distill.train_steps=1"]
+    step = next(p for p in plan(load_config("tiny", overrides)) if p.stage.name == "distill")
+    home = tmp_path / "home"
+    monkeypatch.setenv("ONEREWARD_HOME", str(home))
+    env = {**os.environ, "ONEREWARD_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    out = str(tmp_path / "dp" / "student")
+    cmd = data_parallel(stage_command("distill", step.inputs, {"student": out}, overrides), 2)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
+    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
+    dp = storage.Artifact(out)
+    assert dp.read_json("registry.json")["version"]
+
+    single = storage.Artifact(str(tmp_path / "single" / "student"))
+    execute_stage(step.stage, load_config("tiny", overrides), step.inputs, {"student": single.uri})
+    got, want = dp.read_json("distill_metrics.json"), single.read_json("distill_metrics.json")
+    assert got["distill.loss.first"] == pytest.approx(want["distill.loss.first"], rel=1e-6)
+    assert all(got[k] == want[k] for k in want if ".teacher_" in k)
+    weights = [load_file(a.local_dir() / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+               for a in (dp, single)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path, monkeypatch):

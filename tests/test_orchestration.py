@@ -73,7 +73,7 @@ def test_a_data_parallel_stage_on_several_gpus_runs_one_process_per_gpu(tmp_path
     assert rl.resources.limits["nvidia.com/gpu"] == "4"
     assert dag.get_task("distill").build_pod_request_obj().spec.containers[0].command == ["onereward"]
     for gpus, message in (("{curate: 1}", "stage 'curate' runs on the CPU node pool"),
-                          ("{distill: 2}", "stage 'distill' runs in one process and would use one of 2 GPUs"),
+                          ("{evaluate: 2}", "stage 'evaluate' runs in one process and would use one of 2 GPUs"),
                           ("{judge: 1}", "unknown stage 'judge'")):
         with pytest.raises(ConfigError, match=message):
             build_dag(mode="kubernetes", config="flux", overrides=[f"resources.gpus={gpus}"], dag_id="bad")

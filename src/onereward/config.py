@@ -392,10 +392,10 @@ class Resources(Strict):
     toleration_key: str = "nvidia.com/gpu"
     cpu_node_pool: str = "cpu-pool"
     # GPUs of a stage's KFP task / Airflow pod where the graph's one will not do (stage name -> count): a
-    # data-parallel stage (train_reward, train_audit_reward, rl_finetune) runs a process per GPU under `accelerate
-    # launch`, each drawing its own batch (the global batch is GPUs x the stage's batch size). Not in any key, like
-    # the node pool: a cached result is reused whatever the count, and a killed run resumes with another (the new
-    # processes draw afresh). The local runner runs each stage as one process.
+    # data-parallel stage (train_reward, train_audit_reward, rl_finetune, distill) runs a process per GPU under
+    # `accelerate launch`, each drawing its own batch (the global batch is GPUs x the stage's batch size). Not in
+    # any key, like the node pool: a cached result is reused whatever the count, and a killed run resumes with
+    # another (the new processes draw afresh). The local runner runs each stage as one process.
     gpus: dict[str, PositiveInt] = Field(default_factory=dict)
 
 

@@ -176,7 +176,7 @@ GRAPH = Graph((
           resources=GPU, data_parallel=True,
           description="OneReward multi-task RL against the judge; ground-truth early stopping; register"),
     Stage(name="distill", inputs=("conditions", "policy"), outputs=(Output("student", "Model"),),
-          params=("seed", "image_size", "generator", "distill", "tracking"), resources=GPU,
+          params=("seed", "image_size", "generator", "distill", "tracking"), resources=GPU, data_parallel=True,
           description="few-step student of the RL teacher with its CFG folded in; register"),
     Stage(name="evaluate", inputs=("conditions", "base_model", "policy", "student", "reward_model", "audit_model"),
           outputs=(Output("evaluation", "Metrics"),),

@@ -18,6 +18,10 @@ It is not told its step size, so grids that share a segment start (all start at 
 to one input: the default trains the served 4 steps alone and reports the others. A checkpoint every
 `distill.checkpoint_every` steps keeps the student; the teacher's samples are kept once beside it, so a killed run
 resumes without sampling the teacher again.
+
+Data parallel like rl_finetune (`resources.gpus: {distill: N}`): every process samples the teacher's states of all
+train conditions (the same on each: a shared split would need a gather), then draws its own training rows; the
+gradients are averaged before each step and the main process alone measures, checkpoints, writes and registers.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from rich.progress import Progress
 
 from onereward import tracking
 from onereward.config import DistillConfig
+from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
 from onereward.stages import StageContext, print_metrics
-from onereward.stages.checkpoint import Checkpoint, Checkpoints
+from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.rl_finetune import Conditions, validation_rows
 
@@ -79,7 +84,7 @@ def match_mse(gen: MaskedFlowGenerator, c: Conditions, reference: torch.Tensor, 
 
 
 def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch.Tensor, dc: DistillConfig,
-                 rng: torch.Generator) -> float:
+                 rng: torch.Generator, workers: Workers = ONE_PROCESS) -> float:
     """One optimizer step on a batch of (condition, grid, segment) rows; returns the loss."""
     b = c.batch
     grid = dc.grids[int(torch.randint(len(dc.grids), (1,), generator=rng))]
@@ -100,38 +105,44 @@ def distill_step(student: MaskedFlowGenerator, opt, c: Conditions, states: torch
         loss = loss + dc.background_weight * bg
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(student.parameters()), 1.0)
+    params = list(student.parameters())
+    workers.average_gradients(params)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return float(loss.detach())
 
 
 def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Tensor, dc: DistillConfig,
-                  seed: int, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None) -> list[float]:
-    """The student's loop; returns the loss every 10 steps. With `ckpts` it saves the student every
-    `distill.checkpoint_every` steps, and goes on from `ck`."""
+                  seed: int, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
+                  workers: Workers = ONE_PROCESS) -> list[float]:
+    """The student's loop; returns the (main process's) loss every 10 steps. With `ckpts` it saves the student
+    every `distill.checkpoint_every` steps, and goes on from `ck`. With several `workers` each draws its own rows
+    and their gradients are averaged; the main process alone checkpoints."""
     opt = torch.optim.AdamW(list(student.parameters()), lr=dc.lr, weight_decay=0.0, fused=True)
-    rng = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(workers.seed(seed))
     losses: list[float] = []
     window: list[float] = []
     start = 0
     if ck:
-        ck.restore(opt, rng)
+        ck.restore(opt, rng, workers, workers.seed(seed), "distill")
         losses, window, start = ck.progress["losses"], ck.progress["window"], ck.step
     student.train(True)
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task("distill", total=dc.train_steps, completed=start)
         for step in range(start + 1, dc.train_steps + 1):
-            window.append(distill_step(student, opt, c, states, dc, rng))
+            window.append(distill_step(student, opt, c, states, dc, rng, workers))
             bar.advance(task)
             if step % 10 == 0 or step == dc.train_steps:
                 losses.append(float(np.mean(window)))
                 tracking.log_metrics({"distill.loss": losses[-1]}, step=step)
-                if not bar.console.is_terminal and step % 50 == 0:
+                if workers.main and not bar.console.is_terminal and step % 50 == 0:
                     print(f"distill: step {step}/{dc.train_steps} loss {losses[-1]:.5f}", flush=True)
                 window.clear()
             if ckpts and ckpts.due(step, dc.train_steps):
-                ckpts.save(step, opt, rng, folders={"student": student.save},
-                           progress={"losses": losses, "window": window})
+                rngs = ranks_rng(workers, rng)
+                if workers.main:
+                    ckpts.save(step, opt, rng, folders={"student": student.save}, tensors=rngs,
+                               progress={"losses": losses, "window": window})
     student.train(False)
     return losses
 
@@ -153,6 +164,7 @@ def distill(ctx: StageContext) -> dict[str, float]:
     held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
     ckpts = Checkpoints(ctx, dc.checkpoint_every)
+    workers = ctx.workers
     kept = ckpts.kept("teacher")
     if kept:  # a killed run sampled the teacher already
         saved, metrics = kept
@@ -163,21 +175,26 @@ def distill(ctx: StageContext) -> dict[str, float]:
         t0 = time.perf_counter()
         states = teacher_states(teacher, train, dc, s.seed)
         traj_seconds = time.perf_counter() - t0
-        print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG "
-              f"{dc.teacher_guidance}) in {traj_seconds:.0f} s", flush=True)
-        hb = held.batch
-        reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
-                                   guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
-        metrics = {"teacher_trajectory_seconds": traj_seconds}
-        for k in dc.report_steps:
-            metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
+        if workers.main:  # the held-out reference and the teacher's own k-step errors
+            print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG "
+                  f"{dc.teacher_guidance}) in {traj_seconds:.0f} s", flush=True)
+            hb = held.batch
+            reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
+                                       guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
+            metrics = {"teacher_trajectory_seconds": traj_seconds}
+            for k in dc.report_steps:
+                metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
+            ckpts.keep("teacher", {"states": states, "reference": reference}, metrics)
         del teacher
-        ckpts.keep("teacher", {"states": states, "reference": reference}, metrics)
 
     ck = ckpts.resume()
     student = load_generator(ck.folder("student") if ck else teacher_dir)
     t0 = time.perf_counter()
-    losses = train_student(student, train, states, dc, s.seed, ckpts, ck)
+    losses = train_student(student, train, states, dc, s.seed, ckpts, ck, workers)
+    if workers.world > 1 and len(set(workers.gather(student.weights_digest()))) > 1:
+        raise RuntimeError("distill: the data-parallel processes ended with different weights")
+    if not workers.main:  # the main process measures, writes and registers
+        return {}
     metrics |= {"train_seconds": time.perf_counter() - t0, "distill.loss.first": losses[0],
                 "distill.loss.last": losses[-1]}
     for k in dc.report_steps:
