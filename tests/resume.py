@@ -40,6 +40,16 @@ def data_parallel(cmd: list[str], processes: int) -> list[str]:
     return [torchrun, "--standalone", "--nproc_per_node", str(processes), *cmd[1:]]
 
 
+def run_data_parallel(cmd: list[str], env: dict[str, str]) -> str:
+    """`cmd` (a `data_parallel` command of two processes) to the end: the main process says "done", the other
+    "worker"; its output."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
+    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
+    return done.stdout
+
+
 def kill_after_checkpoint(cmd: list[str], env: dict[str, str], checkpoint_uri: str, at_least: int = 1,
                           timeout_s: float = 300) -> tuple[int, str]:
     """Start `cmd`, SIGKILL it and every process it started (a launcher's workers sit in sessions of their own)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from homes import copy_home
-from resume import assert_same_weights, data_parallel, kill_after_checkpoint, rerun_to_the_end, stage_command
+from resume import (
+    assert_same_weights,
+    data_parallel,
+    kill_after_checkpoint,
+    rerun_to_the_end,
+    run_data_parallel,
+    stage_command,
+)
 from sizes import RL, UPSTREAM, flux_toy
 
 from onereward import storage
@@ -249,18 +256,13 @@ def test_two_processes_train_one_policy_data_parallel(rl_home, tmp_path):
     CPU: both processes train, one MLflow run and one registered version come out. Process 0 draws the rows a
     single process draws, so the logged gradient norms differ from a single process's only through process 1's
     gradients averaged in; the stage itself fails if the processes end with different weights."""
-    import json
-
     import mlflow
 
     s, step = _step(RL)
     out = str(tmp_path / "dp" / "policy")
     cmd = data_parallel(stage_command("rl_finetune", step.inputs, {"policy": out}, [*UPSTREAM, *RL]), 2)
     env = {**os.environ, "ONEREWARD_HOME": str(rl_home), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
-    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
+    run_data_parallel(cmd, env)
     art = storage.Artifact(out)
     assert art.exists() and art.read_json("validation.json")["evals"]
 

@@ -13,6 +13,7 @@ from resume import (
     data_parallel,
     kill_after_checkpoint,
     rerun_to_the_end,
+    run_data_parallel,
     stage_command,
 )
 
@@ -257,9 +258,7 @@ def test_two_processes_train_one_judge_data_parallel(home, tmp_path):
     vision warm-up and the pairwise phase with checkpoints: one judge written and registered by the main process,
     different from a single process's (the second process's gradients are averaged in); killed after a
     checkpoint, the two processes resume it to the same judge as a run never killed."""
-    import json
     import os
-    import subprocess
 
     from safetensors.torch import load_file
 
@@ -274,11 +273,8 @@ def test_two_processes_train_one_judge_data_parallel(home, tmp_path):
         return data_parallel(stage_command("train_reward", inputs, {"reward_model": out}, overrides), 2)
 
     out = str(tmp_path / "dp" / "judge")
-    done = subprocess.run(command(out), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    said = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"stage"')]
-    assert sorted(o["status"] for o in said) == ["done", "worker"], done.stdout[-2000:]
-    assert "in each of 2 processes" in done.stdout
+    stdout = run_data_parallel(command(out), env)
+    assert "in each of 2 processes" in stdout
     dp = storage.Artifact(out)
     assert dp.exists() and dp.read_json("registry.json")["version"]
 
