@@ -310,8 +310,9 @@ def run_pipeline(
         graph.get(until)
     for f in force:
         graph.get(f)
+    graph.with_gpus(settings.resources.gpus)  # refuses a count the orchestrators could not honour, here too
     many = {k: n for k, n in settings.resources.gpus.items() if n > 1}
-    if many and graph.with_gpus(settings.resources.gpus):
+    if many:
         console.print(f"resources.gpus {many}: KFP and Airflow run those stages as a process per GPU; this runner "
                       "runs each as one process (`accelerate launch -m onereward stage ...` runs one as several)")
     planned = plan(settings, graph)

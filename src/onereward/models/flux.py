@@ -152,12 +152,24 @@ class FluxFillGenerator(MaskedFlowGenerator):
     def load(cls, path: str | Path) -> FluxFillGenerator:
         path = Path(path)
         meta = json.loads((path / META).read_text())
-        src = meta.get("base_uri") or str(path)
-        gen = cls.from_pretrained(src, meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
-                                  meta.get("lora_rank", 0))
-        if meta.get("adapter"):
-            lora.load_adapter(gen.pipe.transformer, path / meta["adapter"], f"lora_rank in {path / META}")
+        gen = cls.from_pretrained(*cls.base_of(path, meta))
+        gen.load_adapter_of(path, meta)
         return gen
+
+    @staticmethod
+    def base_of(path: Path, meta: dict) -> tuple[str, int, str, int]:
+        """What `from_pretrained` loads for the generator saved in `path` (its META `meta`): (the base's URI, or
+        the folder itself when it holds the weights, image size, dtype, adapter rank)."""
+        return (meta.get("base_uri") or str(path), meta.get("image_size", 512), meta.get("dtype", "bfloat16"),
+                meta.get("lora_rank", 0))
+
+    def load_adapter_of(self, path: Path, meta: dict) -> bool:
+        """The adapter saved in `path` put into this generator's; False when the folder holds none (the base's
+        pointer: the adapter as loaded fresh is the base)."""
+        if not meta.get("adapter"):
+            return False
+        lora.load_adapter(self.pipe.transformer, path / meta["adapter"], f"lora_rank in {path / META}")
+        return True
 
     @property
     def has_adapter(self) -> bool:

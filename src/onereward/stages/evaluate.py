@@ -195,7 +195,6 @@ def load_sharing(folders: dict[str, Path]) -> dict[str, MaskedFlowGenerator | We
     """The generator saved in each folder. Those that are adapters on one external base (`base_uri`, with the same
     rank, size and dtype) share one network: each is a view with its adapter's weights, and a folder that is the
     base's pointer (no adapter) gets the adapter as loaded fresh, which is the base (B = 0)."""
-    from onereward.models import lora
     from onereward.models.flux import FluxFillGenerator
 
     nets: dict[tuple, tuple[FluxFillGenerator, dict[str, torch.Tensor]]] = {}
@@ -205,16 +204,12 @@ def load_sharing(folders: dict[str, Path]) -> dict[str, MaskedFlowGenerator | We
         if not (meta.get("base_uri") and meta.get("lora_rank")):
             out[name] = load_generator(folder)
             continue
-        key = (meta["base_uri"], meta.get("image_size", 512), meta.get("dtype", "bfloat16"), meta["lora_rank"])
+        key = FluxFillGenerator.base_of(folder, meta)
         if key not in nets:
-            gen = FluxFillGenerator.from_pretrained(*key)  # (uri, image size, dtype, rank)
+            gen = FluxFillGenerator.from_pretrained(*key)
             nets[key] = (gen, trainable_state(gen))
         gen, fresh = nets[key]
-        state = fresh
-        if meta.get("adapter"):
-            lora.load_adapter(gen.pipe.transformer, folder / meta["adapter"], f"lora_rank in {folder / META}")
-            state = trainable_state(gen)
-        out[name] = WeightsView(gen, state)
+        out[name] = WeightsView(gen, trainable_state(gen) if gen.load_adapter_of(folder, meta) else fresh)
     return out
 
 
