@@ -117,13 +117,14 @@ def test_a_stopped_runner_stops_its_children_and_their_runs_end_killed(home):
 
 def test_only_a_data_parallel_stage_runs_as_a_worker_process(home, monkeypatch):
     """Launched as process 1 of 2 (accelerate / torchrun), a stage the graph does not declare data-parallel
-    refuses before any work, writes nothing and starts no MLflow run; the training stages are declared."""
+    refuses before any work, writes nothing and starts no MLflow run; the training stages and generate_candidates
+    are declared."""
     from onereward import distributed
     from onereward.pipeline import GRAPH
     from onereward.runner import execute_stage
 
-    assert [s.name for s in GRAPH if s.data_parallel] == ["train_reward", "train_audit_reward", "rl_finetune",
-                                                          "distill"]
+    assert [s.name for s in GRAPH if s.data_parallel] == ["generate_candidates", "train_reward", "train_audit_reward",
+                                                          "rl_finetune", "distill"]
     monkeypatch.setattr(distributed, "workers", lambda: distributed.Workers(rank=1, world=2))
     s = load_config("tiny")
     source = _graph().get("source")

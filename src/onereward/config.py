@@ -154,6 +154,9 @@ class CandidatesConfig(Strict):
     steps: list[int] = Field(default_factory=lambda: [4, 8])
     guidance: list[float] = Field(default_factory=lambda: [1.0, 2.0])
     batch_size: int = Field(32, ge=1)
+    # conditions a part: its candidates are sampled, then kept in the scratch at once (memory holds one part; a
+    # killed run resumes at the parts it had not kept; data-parallel processes take parts in turn)
+    part_conditions: int = Field(1024, ge=1, json_schema_extra=IN_KEY_UNLESS_DEFAULT)
 
 
 Criterion = Literal["alignment", "consistency", "structure", "aesthetics", "removal_quality", "text_correctness"]
@@ -392,10 +395,11 @@ class Resources(Strict):
     toleration_key: str = "nvidia.com/gpu"
     cpu_node_pool: str = "cpu-pool"
     # GPUs of a stage's KFP task / Airflow pod where the graph's one will not do (stage name -> count): a
-    # data-parallel stage (train_reward, train_audit_reward, rl_finetune, distill) runs a process per GPU under
-    # `accelerate launch`, each drawing its own batch (the global batch is GPUs x the stage's batch size). Not in
-    # any key, like the node pool: a cached result is reused whatever the count, and a killed run resumes with
-    # another (the new processes draw afresh). The local runner runs each stage as one process.
+    # data-parallel stage (generate_candidates, train_reward, train_audit_reward, rl_finetune, distill) runs a
+    # process per GPU under `accelerate launch`, each drawing its own batch (the global batch is GPUs x the stage's
+    # batch size; generate_candidates' processes take its parts in turn). Not in any key, like the node pool: a
+    # cached result is reused whatever the count, and a killed run resumes with another (the new processes draw
+    # afresh). The local runner runs each stage as one process.
     gpus: dict[str, PositiveInt] = Field(default_factory=dict)
 
 

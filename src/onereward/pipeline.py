@@ -158,7 +158,7 @@ GRAPH = Graph((
           params=("image_size", "seed", "generator", "pretrain", "tracking"), resources=GPU,
           description="train the tiny base generator, or register an external base (flux)"),
     Stage(name="generate_candidates", inputs=("conditions", "base_model"), outputs=(Output("candidates"),),
-          params=("seed", "generator", "candidates"), resources=GPU,
+          params=("seed", "generator", "candidates"), resources=GPU, data_parallel=True,
           description="N candidates per condition with varied seeds / guidance / steps"),
     Stage(name="label_preferences", inputs=("conditions", "candidates"), outputs=(Output("preferences"),),
           params=("seed", "labels"),

@@ -4,8 +4,9 @@ One artifact under the stage's scratch URI, replaced atomically at each save, so
 the previous checkpoint whole. Weights are safetensors (a model's own `save()` folders, or flat tensor files);
 the optimizer and the RNG go through `torch.save` and are read back with `weights_only=True`; the loop's own
 progress (validation history, phase, losses) is JSON. What a stage computes once before its loop and must not
-compute again on a resume (distill's teacher samples) is kept beside it, saved once (`keep`/`kept`). The runner
-deletes the scratch once the stage's outputs are committed.
+compute again on a resume (distill's teacher samples) is kept beside it, saved once (`keep`/`kept`); so are the
+finished parts of an output built in parts (generate_candidates: `keep_table`/`kept_table`). The runner deletes the
+scratch once the stage's outputs are committed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -75,14 +77,15 @@ class Checkpoints:
     a scratch left by another configuration under the same output URI (`onereward stage --out` reused) is not
     resumed from."""
 
-    def __init__(self, ctx: StageContext, every: int):
+    def __init__(self, ctx: StageContext, every: int = 0):
         self.scratch = ctx.scratch()
         self.uri = storage.join(self.scratch, "checkpoint")
         self.every, self.stage, self.key = every, ctx.stage, ctx.key
 
     def due(self, step: int, total: int) -> bool:
-        """After optimizer step `step` of `total`: the last step saves nothing (the stage's output follows)."""
-        return step % self.every == 0 and step < total
+        """After optimizer step `step` of `total`: the last step saves nothing (the stage's output follows); never
+        with `every` 0 (a stage that keeps only parts of its output)."""
+        return self.every > 0 and step % self.every == 0 and step < total
 
     def save(self, step: int, opt: torch.optim.Optimizer, rng: torch.Generator, *,
              folders: dict[str, Callable[[Path], None]] | None = None,
@@ -96,15 +99,23 @@ class Checkpoints:
             torch.save({"optimizer": opt.state_dict(), "rng": rng.get_state(), "step": step}, w.path(STATE))
             w.write_json(PROGRESS, progress or {})
 
-    def _ours(self, uri: str) -> tuple[Path, dict[str, Any]] | None:
-        """The local files and progress JSON of what this run's configuration saved at `uri`, if anything."""
+    def _ours(self, uri: str, quiet: bool = False) -> storage.Artifact | None:
+        """What this run's configuration saved at `uri`, if anything (`quiet`: without saying why not)."""
         art = storage.Artifact(uri)
         if not art.exists():
             return None
         if art.key != self.key:
             who = ("an older version of onereward (its checkpoints did not carry the run's key)"
                    if art.key.startswith("step-") else f"another configuration (key {art.key}, this run's {self.key})")
-            print(f"{self.stage}: {uri} was left by {who}: not resumed from", flush=True)
+            if not quiet:
+                print(f"{self.stage}: {uri} was left by {who}: not resumed from", flush=True)
+            return None
+        return art
+
+    def _local(self, uri: str) -> tuple[Path, dict[str, Any]] | None:
+        """The local files and progress JSON of what this run's configuration saved at `uri`, if anything."""
+        art = self._ours(uri)
+        if art is None:
             return None
         local = art.local_dir()
         return local, json.loads((local / PROGRESS).read_text())
@@ -112,7 +123,7 @@ class Checkpoints:
     def resume(self) -> Checkpoint | None:
         """The checkpoint a killed run of this stage left, if any (said on the stage's output and logged as
         `resumed_from_step`)."""
-        found = self._ours(self.uri)
+        found = self._local(self.uri)
         if found is None:
             tracking.log_metrics({"resumed_from_step": 0})
             return None
@@ -132,11 +143,26 @@ class Checkpoints:
 
     def kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """What `keep(name, ...)` saved in a killed run of this stage, if it got that far."""
-        found = self._ours(storage.join(self.scratch, name))
+        found = self._local(storage.join(self.scratch, name))
         if found is None:
             return None
         local, facts = found
         return load_file(str(local / f"{name}.safetensors")), facts
+
+
+    def keep_table(self, name: str, table: pa.Table) -> None:
+        """Save a finished share of the stage's output rows (generate_candidates' parts), once, atomically."""
+        with storage.writing(storage.join(self.scratch, name), key=self.key) as w:
+            w.write_table(table)
+
+    def kept_table(self, name: str, quiet: bool = False) -> pa.Table | None:
+        """What `keep_table(name, ...)` saved in this run or a killed one of this configuration, if anything."""
+        art = self._ours(storage.join(self.scratch, name), quiet)
+        return None if art is None else art.read_table()
+
+    def has_table(self, name: str) -> bool:
+        """Whether `keep_table(name, ...)` of this configuration has committed (quietly: for waiting on others)."""
+        return self._ours(storage.join(self.scratch, name), quiet=True) is not None
 
 
 def _save_tensors(w: storage.ArtifactWriter, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,14 +1,25 @@
 """generate_candidates: N candidates per condition from the base generator, varying seed, guidance and
-steps, written as Parquet with a contact sheet per task."""
+steps, written as Parquet with a contact sheet per task.
+
+Sampled in parts of `candidates.part_conditions` conditions: a part's candidates are encoded and kept in the stage's
+scratch as soon as they are sampled (one Parquet artifact, committed atomically), so memory holds one part, a killed
+run resumes at the parts it had not kept, and the stage runs data parallel on a node's GPUs (`resources.gpus:
+{generate_candidates: N}`): process r samples the r-th, (r+N)-th, ... of the parts left to do, and the main process,
+once every part is kept, writes them in order as the output's Parquet shards. A candidate's image depends on its
+part's batches only (seeds are per candidate), so the output is the same whatever the processes or kills.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
-from rich.progress import track
+import pyarrow as pa
+from rich.progress import Progress
 
 from onereward import tracking
 from onereward.config import TASKS
@@ -17,6 +28,10 @@ from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import load_generator
 from onereward.stages import StageContext
+from onereward.stages.checkpoint import Checkpoints
+
+SHEET_CONDITIONS = 6  # a task's contact sheet: its first conditions, each with its candidates
+DIVERSITY_CONDITIONS = 50  # the diversity measure reads the output's first conditions
 
 
 def pick_conditions(rows: list[dict], limit: int) -> list[dict]:
@@ -33,37 +48,100 @@ def candidate_seed(condition_id: str, j: int, base: int) -> int:
     return int(hashlib.sha1(f"{base}:{condition_id}:{j}".encode()).hexdigest()[:8], 16)
 
 
+def jobs_of(conds: list[dict], settings: list[tuple[int, float]], per: int, batch_size: int
+            ) -> list[tuple[tuple[int, float], list[tuple[dict, int]]]]:
+    """The sampling batches of `conds`' candidates: candidate j of a condition uses sampling setting j mod
+    len(settings); each setting's candidates in batches of `batch_size`."""
+    jobs = defaultdict(list)
+    for r in conds:
+        for j in range(per):
+            jobs[settings[j % len(settings)]].append((r, j))
+    return [(k, v[i : i + batch_size]) for k, v in jobs.items() for i in range(0, len(v), batch_size)]
+
+
+def sample_part(gen, batches: list[tuple[tuple[int, float], list[tuple[dict, int]]]], seed: int,
+                negative_prompt: str, advance: Callable[[], None]) -> pa.Table:
+    """The candidates of `batches` (`jobs_of`), each from its own seed, sorted by (condition, candidate)."""
+    out_rows: dict[tuple[str, int], dict] = {}
+    for (steps, guidance), batch in batches:
+        b = tensors.batch_from_rows([r for r, _ in batch])
+        seeds = [candidate_seed(r["condition_id"], j, seed) for r, j in batch]
+        imgs = gen.sample(b["images"], b["masks"], b["prompts"], steps=steps, guidance=guidance,
+                          negative_prompt=negative_prompt, seed=seeds)
+        for (r, j), s, png in zip(batch, seeds, tensors.to_pngs(imgs), strict=True):
+            out_rows[(r["condition_id"], j)] = {
+                "condition_id": r["condition_id"], "candidate_id": f"{r['condition_id']}-c{j}", "task": r["task"],
+                "seed": s, "steps": steps, "guidance": guidance, "image": png}
+        advance()
+    return schema.table([out_rows[k] for k in sorted(out_rows)], schema.CANDIDATES)
+
+
+def part_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
 def generate_candidates(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     c = s.candidates
-    gen = load_generator(ctx.inputs["base_model"].local_dir() / "model")
+    workers = ctx.workers
     conds = pick_conditions(ctx.inputs["conditions"].read_table().to_pylist(), c.max_conditions)
+    if not conds:
+        raise ValueError(f"generate_candidates: conditions {ctx.inputs['conditions'].uri} hold no train condition")
+    parts = [conds[i : i + c.part_conditions] for i in range(0, len(conds), c.part_conditions)]
     settings = list(itertools.product(c.steps, c.guidance))
-    # candidate j of every condition uses sampling setting j mod len(settings) and its own seed
-    jobs = defaultdict(list)
-    for r in conds:
-        for j in range(c.per_condition):
-            jobs[settings[j % len(settings)]].append((r, j))
-    out_rows: dict[tuple[str, int], dict] = {}
-    batches = [(k, v[i : i + c.batch_size]) for k, v in jobs.items() for i in range(0, len(v), c.batch_size)]
-    for (steps, guidance), batch in track(batches, description="generate_candidates"):
-        b = tensors.batch_from_rows([r for r, _ in batch])
-        seeds = [candidate_seed(r["condition_id"], j, s.seed) for r, j in batch]
-        imgs = gen.sample(b["images"], b["masks"], b["prompts"], steps=steps, guidance=guidance,
-                          negative_prompt=s.generator.negative_prompt, seed=seeds)
-        for (r, j), seed, png in zip(batch, seeds, tensors.to_pngs(imgs), strict=True):
-            out_rows[(r["condition_id"], j)] = {
-                "condition_id": r["condition_id"], "candidate_id": f"{r['condition_id']}-c{j}", "task": r["task"],
-                "seed": seed, "steps": steps, "guidance": guidance, "image": png}
-    rows = [out_rows[k] for k in sorted(out_rows)]
+    kept = Checkpoints(ctx)
+    # the main process decides what is left: the others must not see a part one of them has just kept
+    todo = workers.from_main([i for i in range(len(parts)) if not kept.has_table(part_name(i))])
+    if workers.main and len(todo) < len(parts):
+        print(f"generate_candidates: {len(parts) - len(todo)} of {len(parts)} parts kept by a killed run "
+              f"({kept.scratch}); sampling the other {len(todo)}", flush=True)
+    mine = todo[workers.rank :: workers.world]
+    if mine:
+        gen = load_generator(ctx.inputs["base_model"].local_dir() / "model")
+        batches = {i: jobs_of(parts[i], settings, c.per_condition, c.batch_size) for i in mine}
+        with Progress(transient=False, disable=not workers.main) as bar:
+            task = bar.add_task("generate_candidates", total=sum(len(b) for b in batches.values()))
+            for n, i in enumerate(mine, 1):
+                t0 = time.perf_counter()
+                table = sample_part(gen, batches[i], s.seed, s.generator.negative_prompt, lambda: bar.advance(task))
+                kept.keep_table(part_name(i), table)
+                if len(parts) > 1:
+                    print(f"generate_candidates: process {workers.rank}: part {i + 1}/{len(parts)} "
+                          f"({len(parts[i])} conditions, {table.num_rows} candidates) in "
+                          f"{time.perf_counter() - t0:.0f} s ({n}/{len(mine)} of this process's)", flush=True)
+    if not workers.main:  # the main process writes the output
+        return {}
+    return write_parts(ctx, kept, conds, parts, c.per_condition, resumed=len(parts) - len(todo))
+
+
+def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], parts: list[list[dict]], per: int,
+                resumed: int) -> dict[str, float]:
+    """The kept parts, in order, as the output's shards (one in memory at a time), once every process kept its
+    own; with the contact sheets and the diversity measure read on the way."""
     out = ctx.outputs["candidates"]
-    out.write_table(schema.table(rows, schema.CANDIDATES))
-    _contact_sheets(out, conds, rows, c.per_condition)
-    diversity = _diversity(rows, c.per_condition)
-    return {"conditions": len(conds), "candidates": len(rows), "mean_pairwise_l1": diversity}
+    sheet_ids = {r["condition_id"] for t in TASKS for r in [x for x in conds if x["task"] == t][:SHEET_CONDITIONS]}
+    sheet_rows, first_rows, first_ids, candidates = [], [], set(), 0
+    waited = time.monotonic()
+    for i in range(len(parts)):
+        while (table := kept.kept_table(part_name(i), quiet=True)) is None:  # another process is sampling it
+            if time.monotonic() - waited > 60:
+                print(f"generate_candidates: waiting for part {i + 1}/{len(parts)}", flush=True)
+                waited = time.monotonic()
+            time.sleep(1)
+        out.write_table(table)
+        candidates += table.num_rows
+        for r in table.to_pylist():  # a condition's candidates lie together: the output's first conditions
+            if r["condition_id"] in sheet_ids:
+                sheet_rows.append(r)
+            if r["condition_id"] in first_ids or len(first_ids) < DIVERSITY_CONDITIONS:
+                first_ids.add(r["condition_id"])
+                first_rows.append(r)
+    _contact_sheets(out, conds, sheet_rows, per)
+    return {"conditions": len(conds), "candidates": candidates, "parts": len(parts), "parts_resumed": resumed,
+            "mean_pairwise_l1": _diversity(first_rows, per)}
 
 
-def _contact_sheets(out, conds: list[dict], rows: list[dict], per: int, n: int = 6) -> None:
+def _contact_sheets(out, conds: list[dict], rows: list[dict], per: int, n: int = SHEET_CONDITIONS) -> None:
     by_cond = defaultdict(list)
     for r in rows:
         by_cond[r["condition_id"]].append(r)
@@ -87,7 +165,7 @@ def _diversity(rows: list[dict], per: int) -> float:
     for r in rows:
         by_cond[r["condition_id"]].append(r["image"])
     vals = []
-    for pngs in list(by_cond.values())[:50]:
+    for pngs in list(by_cond.values())[:DIVERSITY_CONDITIONS]:
         t = tensors.to_tensor(pngs)
         d = (t[:, None] - t[None]).abs().mean((2, 3, 4))
         k = len(pngs)
