@@ -44,7 +44,8 @@ def main() -> None:
         for i in range(n):
             judge.p_yes(a[i : i + 1], b[i : i + 1], q[i : i + 1])
         single = n / (time.perf_counter() - start)
-    print(f"threads {torch.get_num_threads()}; judge {sum(p.numel() for p in judge.parameters()) / 1e6:.2f} M params")
+    params = sum(p.numel() for p in judge.trainable_parameters())
+    print(f"threads {torch.get_num_threads()}; judge {params / 1e6:.2f} M params")
     print(f"batched (batch {args.batch}): {batched:.1f} pairs/s; one at a time: {single:.1f} pairs/s; "
           f"ratio {batched / single:.1f}x")
 

@@ -62,7 +62,7 @@ def judge_loop(batch: int):
     prompts = ["fill red circle", "extend", "remove blue square", 'text "A7"']
     judge = Judge.build(cells, prompts, JudgeShape())
     judge.model.train()
-    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, fused=True)
+    opt = torch.optim.AdamW(judge.trainable_parameters(), lr=1e-3, fused=True)
     g = torch.Generator().manual_seed(0)
     a, b, context = (torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1 for _ in range(3))
     q = Query([cells[i % 4][0] for i in range(batch)], [cells[i % 4][1] for i in range(batch)],
@@ -86,7 +86,7 @@ def rl_loop(batch: int):
 
     from onereward.stages.rl_finetune import rl_step
 
-    s, policy, ref, judge, opt, train, criteria = setup(batch, "base")
+    s, policy, ref, _, judge, opt, train, criteria = setup(batch, "base")
     rng = torch.Generator().manual_seed(0)
     counter = iter(range(10**9))
     return lambda: rl_step(policy, ref, judge, opt, train, s.rl, criteria, rng, 0, next(counter))
@@ -101,7 +101,7 @@ def distill_loop(batch: int):
 
     from onereward.stages.distill import distill_step
 
-    s, policy, _, _, _, train, _ = setup(batch, "base")
+    s, policy, _, _, _, _, train, _ = setup(batch, "base")
     dc = s.distill.model_copy(update={"batch_size": batch})
     n, finest = len(train.rows), max(dc.grids)
     states = torch.randn(finest + 1, n, *policy.model_space_shape(1)[1:])  # the cost does not depend on them
