@@ -278,23 +278,24 @@ def test_the_champion_serves_an_image_per_task_and_refuses_malformed_requests(cr
 
 
 def test_two_processes_distill_one_student_data_parallel(crowned, tmp_path, monkeypatch):
-    """`torchrun --nproc_per_node 2`, gloo on the CPU: both processes sample the teacher's states alike and train one
-    student, which the main process alone measures, writes and registers. Its first step is a single process's
-    (process 0 draws the rows one process draws, from the same teacher states); process 1's gradient, averaged
-    in, makes another student."""
+    """`torchrun --nproc_per_node 2`, gloo on the CPU: the processes share the parts of the teacher's states (one
+    each), read both, and train one student, which the main process alone measures, writes and registers. Its
+    first step is a single process's (process 0 draws the rows one process draws, from the same teacher states);
+    process 1's gradient, averaged in, makes another student."""
     import os
 
     from safetensors.torch import load_file
 
     monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
-    overrides = [*SMALL, *FIRST, "distill.train_steps=1"]
+    overrides = [*SMALL, *FIRST, "distill.train_steps=1", "distill.teacher_batch=8"]  # 16 conditions: two parts
     step = next(p for p in plan(load_config("tiny", overrides)) if p.stage.name == "distill")
     home = tmp_path / "home"
     monkeypatch.setenv("ONEREWARD_HOME", str(home))
     env = {**os.environ, "ONEREWARD_HOME": str(home), "OMP_NUM_THREADS": "1"}
     out = str(tmp_path / "dp" / "student")
     cmd = data_parallel(stage_command("distill", step.inputs, {"student": out}, overrides), 2)
-    run_data_parallel(cmd, env)
+    said = run_data_parallel(cmd, env)
+    assert all(f"distill: process {r}: 1 of 2 parts of the teacher's trajectories" in said for r in (0, 1)), said
     dp = storage.Artifact(out)
     assert dp.read_json("registry.json")["version"]
 
@@ -310,16 +311,17 @@ def test_two_processes_distill_one_student_data_parallel(crowned, tmp_path, monk
 
 
 def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path, monkeypatch):
-    """Killed once the teacher's samples are kept (before any checkpoint), then again after a checkpoint, the same
-    command goes on with the samples the first run kept (no new trajectories) and from the checkpoint, and ends
-    with the student and held-out numbers of a run never killed. Inputs are the crowned graph's; the runs register
-    into their own home, so the crowned registry's aliases stay as they are."""
+    """Killed once the first part of the teacher's states is kept, then again after a checkpoint, the same command
+    samples only the part it had not kept, then goes on from the checkpoint without sampling the teacher at all,
+    and ends with the student and held-out numbers of a run never killed. Inputs are the crowned graph's; the runs
+    register into their own home, so the crowned registry's aliases stay as they are."""
     import os
     import signal
     import subprocess
 
     monkeypatch.setenv("ONEREWARD_HOME", str(crowned[0]))
-    overrides = [*SMALL, *FIRST, "distill.train_steps=12", "distill.checkpoint_every=2"]
+    overrides = [*SMALL, *FIRST, "distill.train_steps=12", "distill.checkpoint_every=2",
+                 "distill.teacher_batch=8"]  # 16 conditions: two parts of the teacher's states
     step = next(p for p in plan(load_config("tiny", overrides)) if p.stage.name == "distill")
     home = tmp_path / "home"
     monkeypatch.setenv("ONEREWARD_HOME", str(home))
@@ -327,27 +329,31 @@ def test_distill_resumes_after_sigkill_to_the_unkilled_student(crowned, tmp_path
     ckpt = f"{out}.scratch/checkpoint"
     cmd = stage_command("distill", step.inputs, {"student": out}, overrides)
     env = {**os.environ, "ONEREWARD_HOME": str(home)}
-    # the stage's first commit is the kept samples: the fault point kills it right after their manifest
+    # the stage's first commit is the first part: the fault point kills it right after its manifest
     first = subprocess.run(cmd, env={**env, storage.FAULT_ENV: "commit.after_manifest"}, capture_output=True,
                            text=True, timeout=300)
-    assert first.returncode == -signal.SIGKILL and "teacher trajectories" in first.stdout, first.stderr[-2000:]
-    assert storage.Artifact(f"{out}.scratch/teacher").exists() and not storage.Artifact(ckpt).exists()
+    assert first.returncode == -signal.SIGKILL, (first.stdout + first.stderr)[-2000:]
+    assert storage.Artifact(f"{out}.scratch/teacher-00000").exists()
+    assert not storage.Artifact(f"{out}.scratch/teacher-00001").exists()
+    assert not storage.Artifact(f"{out}.scratch/teacher").exists() and not storage.Artifact(ckpt).exists()
     killed_at, said = kill_after_checkpoint(cmd, env, ckpt)
-    assert "teacher trajectories" not in said and "the teacher's samples of the killed run" in said, said[-2000:]
+    assert "1 of 2 parts of the teacher's states kept by a killed run" in said, said[-2000:]
+    assert "process 0: 1 of 2 parts of the teacher's trajectories" in said
     assert killed_at < 12 and not storage.Artifact(out).exists()
     # the teacher's samples are kept once beside the checkpoint, not in it
     assert storage.Artifact(f"{out}.scratch/teacher").exists()
     assert not any("teacher" in f for f in storage.Artifact(ckpt).files())
     said = rerun_to_the_end(cmd, env, killed_at, "distill")
-    assert "teacher trajectories" not in said and "the teacher's samples of the killed run" in said
+    assert "2 of 2 parts of the teacher's states kept by a killed run" in said
+    assert "teacher's trajectories" not in said and "the teacher's held-out samples of the killed run" in said
     resumed = storage.Artifact(out)
     assert resumed.exists() and not storage.exists(f"{out}.scratch")
 
     unkilled = str(tmp_path / "unkilled" / "student")
     execute_stage(step.stage, load_config("tiny", overrides), step.inputs, {"student": unkilled})
     assert_same_weights(resumed, storage.Artifact(unkilled), "model/")
-    assert_same_metrics(resumed.read_json("distill_metrics.json"),
-                        storage.Artifact(unkilled).read_json("distill_metrics.json"), rel=1e-4)
+    metrics = resumed.read_json("distill_metrics.json")
+    assert_same_metrics(metrics, storage.Artifact(unkilled).read_json("distill_metrics.json"), rel=1e-4)
 
 
 def test_the_students_background_term_pulls_its_x0_towards_the_input_outside_the_mask():

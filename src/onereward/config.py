@@ -335,6 +335,8 @@ class DistillConfig(Strict):
     teacher_steps: int = Field(28, ge=1)  # must be a multiple of every grid
     teacher_guidance: float = Field(2.0, ge=1.0)  # true CFG: two passes a step
     train_conditions: int = Field(512, ge=1)  # teacher trajectories, drawn once from the train split
+    # conditions a teacher sampling batch: a part of its states that a kill keeps and data-parallel processes share
+    teacher_batch: int = Field(64, ge=1, json_schema_extra=IN_KEY_UNLESS_DEFAULT)
     train_steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -112,9 +112,9 @@ class Checkpoints:
             return None
         return art
 
-    def _local(self, uri: str) -> tuple[Path, dict[str, Any]] | None:
+    def _local(self, uri: str, quiet: bool = False) -> tuple[Path, dict[str, Any]] | None:
         """The local files and progress JSON of what this run's configuration saved at `uri`, if anything."""
-        art = self._ours(uri)
+        art = self._ours(uri, quiet)
         if art is None:
             return None
         local = art.local_dir()
@@ -141,9 +141,9 @@ class Checkpoints:
             _save_tensors(w, name, tensors)
             w.write_json(PROGRESS, facts)
 
-    def kept(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """What `keep(name, ...)` saved in a killed run of this stage, if it got that far."""
-        found = self._local(storage.join(self.scratch, name))
+    def kept(self, name: str, quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What `keep(name, ...)` saved in this run or a killed one of this configuration, if anything."""
+        found = self._local(storage.join(self.scratch, name), quiet)
         if found is None:
             return None
         local, facts = found
@@ -160,8 +160,8 @@ class Checkpoints:
         art = self._ours(storage.join(self.scratch, name), quiet)
         return None if art is None else art.read_table()
 
-    def has_table(self, name: str) -> bool:
-        """Whether `keep_table(name, ...)` of this configuration has committed (quietly: for waiting on others)."""
+    def has(self, name: str) -> bool:
+        """Whether `keep(name, ...)` or `keep_table(name, ...)` of this configuration has committed (quietly)."""
         return self._ours(storage.join(self.scratch, name), quiet=True) is not None
 
 

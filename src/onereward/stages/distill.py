@@ -16,12 +16,14 @@ Euler step z_b = x0 + (t_b / t_a)(z_a - x0) must land on the teacher's z_b, so i
 (z_b - r z_a) / (1 - r), r = t_b / t_a. The student starts from the teacher's weights and is sampled without CFG.
 It is not told its step size, so grids that share a segment start (all start at t = 1) would ask it for two answers
 to one input: the default trains the served 4 steps alone and reports the others. A checkpoint every
-`distill.checkpoint_every` steps keeps the student; the teacher's samples are kept once beside it, so a killed run
-resumes without sampling the teacher again.
+`distill.checkpoint_every` steps keeps the student; the teacher's states are kept beside it in parts of
+`distill.teacher_batch` conditions (one sampling batch each) as they are sampled, and its held-out samples once, so
+a killed run samples none of them again (`stages.parts`).
 
-Data parallel like rl_finetune (`resources.gpus: {distill: N}`): every process samples the teacher's states of all
-train conditions (the same on each: a shared split would need a gather), then draws its own training rows; the
-gradients are averaged before each step and the main process alone measures, checkpoints, writes and registers.
+Data parallel like rl_finetune (`resources.gpus: {distill: N}`): the processes share the parts of the teacher's
+states (process r samples every N-th from r) and each reads them all once all are kept; then each draws its own
+training rows, the gradients are averaged before each step and the main process alone measures, checkpoints,
+writes and registers.
 """
 
 from __future__ import annotations
@@ -40,26 +42,25 @@ from onereward.models.generator import MaskedFlowGenerator, autocast, load_gener
 from onereward.models.registry import register_generator
 from onereward.stages import StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
+from onereward.stages.parts import parts_left, wait_for
 from onereward.stages.pretrain_base import load_conditions
 from onereward.stages.rl_finetune import Conditions, validation_rows
-
-CHUNK = 64  # conditions a sampling batch
 
 
 def seeds(seed: int, n: int, stream: int) -> list[int]:
     return [(seed * 7919 + stream * 1_000_003 + i) % 2**31 for i in range(n)]
 
 
-def teacher_states(teacher: MaskedFlowGenerator, c: Conditions, dc: DistillConfig, seed: int) -> torch.Tensor:
-    """(finest grid + 1, N, *model space): the teacher's states at the finest student grid's times."""
-    b, n = c.batch, len(c.rows)
-    every = dc.teacher_steps // max(dc.grids)
-    noise = seeds(seed, n, 0)
-    chunks = [torch.stack(teacher.trajectory(b["images"][i : i + CHUNK], b["masks"][i : i + CHUNK],
-                                             b["prompts"][i : i + CHUNK], steps=dc.teacher_steps, every=every,
-                                             guidance=dc.teacher_guidance, seed=noise[i : i + CHUNK]))
-              for i in range(0, n, CHUNK)]
-    return torch.cat(chunks, dim=1)
+def teacher_part(teacher: MaskedFlowGenerator, c: Conditions, dc: DistillConfig, seed: int, part: int
+                 ) -> torch.Tensor:
+    """(finest grid + 1, rows, *model space): the teacher's states at the finest student grid's times, for part
+    `part` of the conditions (`distill.teacher_batch` rows a part, sampled as one batch), each row from its own
+    noise."""
+    b, lo = c.batch, part * dc.teacher_batch
+    rows = slice(lo, min(lo + dc.teacher_batch, len(c.rows)))
+    return torch.stack(teacher.trajectory(b["images"][rows], b["masks"][rows], b["prompts"][rows],
+                                          steps=dc.teacher_steps, every=dc.teacher_steps // max(dc.grids),
+                                          guidance=dc.teacher_guidance, seed=seeds(seed, len(c.rows), 0)[rows]))
 
 
 def segment_targets(states: torch.Tensor, idx: torch.Tensor, grid: int, seg: torch.Tensor
@@ -147,6 +148,42 @@ def train_student(student: MaskedFlowGenerator, c: Conditions, states: torch.Ten
     return losses
 
 
+def teacher_samples(ckpts: Checkpoints, workers: Workers, teacher_dir, train: Conditions, held: Conditions,
+                    dc: DistillConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """The teacher's states of every train condition, on every process; on the main process also its held-out
+    samples (the reference the student is measured against) and its own k-step errors. The states are sampled in
+    parts the processes share, each kept in the scratch as it is done, then read by all; a killed run's parts and
+    reference are not sampled again."""
+    names = [f"teacher-{i:05d}" for i in range(-(-len(train.rows) // dc.teacher_batch))]
+    mine, _ = parts_left(ckpts, workers, names, "parts of the teacher's states")
+    measured = ckpts.kept("teacher") if workers.main else None
+    teacher = load_generator(teacher_dir) if mine or (workers.main and measured is None) else None
+    t0 = time.perf_counter()
+    for i in mine:
+        ckpts.keep(names[i], {"states": teacher_part(teacher, train, dc, seed, i)}, {})
+    seconds = time.perf_counter() - t0
+    if mine:
+        print(f"distill: process {workers.rank}: {len(mine)} of {len(names)} parts of the teacher's trajectories "
+              f"({dc.teacher_steps} steps, CFG {dc.teacher_guidance}; {len(train.rows)} conditions in all) in "
+              f"{seconds:.0f} s", flush=True)
+    reference, metrics = None, {}
+    if workers.main and measured is None:  # the held-out reference and the teacher's own k-step errors
+        hb = held.batch
+        reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
+                                   guidance=dc.teacher_guidance, seed=seeds(seed, len(held.rows), 1))
+        metrics = {"teacher_trajectory_seconds": seconds}
+        for k in dc.report_steps:
+            metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, seed)
+        ckpts.keep("teacher", {"reference": reference}, metrics)
+    elif measured is not None:
+        print(f"distill: the teacher's held-out samples of the killed run ({ckpts.scratch})", flush=True)
+        reference, metrics = measured[0]["reference"], measured[1]
+    del teacher
+    states = [wait_for(lambda name=name: ckpts.kept(name, quiet=True), f"{name} of the teacher's states",
+                       "distill")[0]["states"] for name in names]
+    return torch.cat(states, dim=1), reference, metrics
+
+
 def distill(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     dc = s.distill
@@ -165,27 +202,7 @@ def distill(ctx: StageContext) -> dict[str, float]:
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
     ckpts = Checkpoints(ctx, dc.checkpoint_every)
     workers = ctx.workers
-    kept = ckpts.kept("teacher")
-    if kept:  # a killed run sampled the teacher already
-        saved, metrics = kept
-        states, reference = saved["states"], saved["reference"]
-        print(f"distill: the teacher's samples of the killed run ({ckpts.scratch})", flush=True)
-    else:
-        teacher = load_generator(teacher_dir)
-        t0 = time.perf_counter()
-        states = teacher_states(teacher, train, dc, s.seed)
-        traj_seconds = time.perf_counter() - t0
-        if workers.main:  # the held-out reference and the teacher's own k-step errors
-            print(f"distill: {len(train.rows)} teacher trajectories ({dc.teacher_steps} steps, CFG "
-                  f"{dc.teacher_guidance}) in {traj_seconds:.0f} s", flush=True)
-            hb = held.batch
-            reference = teacher.sample(hb["images"], hb["masks"], hb["prompts"], steps=dc.teacher_steps,
-                                       guidance=dc.teacher_guidance, seed=seeds(s.seed, len(held.rows), 1))
-            metrics = {"teacher_trajectory_seconds": traj_seconds}
-            for k in dc.report_steps:
-                metrics[f"heldout.match_mse.teacher_{k}"] = match_mse(teacher, held, reference, k, 1.0, s.seed)
-            ckpts.keep("teacher", {"states": states, "reference": reference}, metrics)
-        del teacher
+    states, reference, metrics = teacher_samples(ckpts, workers, teacher_dir, train, held, dc, s.seed)
 
     ck = ckpts.resume()
     student = load_generator(ck.folder("student") if ck else teacher_dir)

@@ -29,6 +29,7 @@ from onereward.models import tensors
 from onereward.models.generator import load_generator
 from onereward.stages import StageContext
 from onereward.stages.checkpoint import Checkpoints
+from onereward.stages.parts import parts_left, wait_for
 
 SHEET_CONDITIONS = 6  # a task's contact sheet: its first conditions, each with its candidates
 DIVERSITY_CONDITIONS = 50  # the diversity measure reads the output's first conditions
@@ -76,10 +77,6 @@ def sample_part(gen, batches: list[tuple[tuple[int, float], list[tuple[dict, int
     return schema.table([out_rows[k] for k in sorted(out_rows)], schema.CANDIDATES)
 
 
-def part_name(i: int) -> str:
-    return f"part-{i:05d}"
-
-
 def generate_candidates(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     c = s.candidates
@@ -90,44 +87,34 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
     parts = [conds[i : i + c.part_conditions] for i in range(0, len(conds), c.part_conditions)]
     settings = list(itertools.product(c.steps, c.guidance))
     kept = Checkpoints(ctx)
-    # the main process decides what is left: the others must not see a part one of them has just kept
-    todo = workers.from_main([i for i in range(len(parts)) if not kept.has_table(part_name(i))])
-    if workers.main and len(todo) < len(parts):
-        print(f"generate_candidates: {len(parts) - len(todo)} of {len(parts)} parts kept by a killed run "
-              f"({kept.scratch}); sampling the other {len(todo)}", flush=True)
-    mine = todo[workers.rank :: workers.world]
-    if mine:
-        gen = load_generator(ctx.inputs["base_model"].local_dir() / "model")
-        batches = {i: jobs_of(parts[i], settings, c.per_condition, c.batch_size) for i in mine}
-        with Progress(transient=False, disable=not workers.main) as bar:
-            task = bar.add_task("generate_candidates", total=sum(len(b) for b in batches.values()))
-            for n, i in enumerate(mine, 1):
-                t0 = time.perf_counter()
-                table = sample_part(gen, batches[i], s.seed, s.generator.negative_prompt, lambda: bar.advance(task))
-                kept.keep_table(part_name(i), table)
-                if len(parts) > 1:
-                    print(f"generate_candidates: process {workers.rank}: part {i + 1}/{len(parts)} "
-                          f"({len(parts[i])} conditions, {table.num_rows} candidates) in "
-                          f"{time.perf_counter() - t0:.0f} s ({n}/{len(mine)} of this process's)", flush=True)
+    names = [f"part-{i:05d}" for i in range(len(parts))]
+    batches = [jobs_of(p, settings, c.per_condition, c.batch_size) for p in parts]
+    mine, resumed = parts_left(kept, workers, names, "parts")
+    gen = load_generator(ctx.inputs["base_model"].local_dir() / "model") if mine else None
+    with Progress(transient=False, disable=not workers.main) as bar:
+        task = bar.add_task("generate_candidates", total=sum(len(batches[i]) for i in mine))
+        for i in mine:
+            t0 = time.perf_counter()
+            table = sample_part(gen, batches[i], s.seed, s.generator.negative_prompt, lambda: bar.advance(task))
+            kept.keep_table(names[i], table)
+            if len(parts) > 1:
+                print(f"generate_candidates: process {workers.rank}: part {i + 1}/{len(parts)} ({len(parts[i])} "
+                      f"conditions, {table.num_rows} candidates) in {time.perf_counter() - t0:.0f} s", flush=True)
     if not workers.main:  # the main process writes the output
         return {}
-    return write_parts(ctx, kept, conds, parts, c.per_condition, resumed=len(parts) - len(todo))
+    return write_parts(ctx, kept, conds, names, c.per_condition, resumed)
 
 
-def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], parts: list[list[dict]], per: int,
+def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], names: list[str], per: int,
                 resumed: int) -> dict[str, float]:
     """The kept parts, in order, as the output's shards (one in memory at a time), once every process kept its
     own; with the contact sheets and the diversity measure read on the way."""
     out = ctx.outputs["candidates"]
     sheet_ids = {r["condition_id"] for t in TASKS for r in [x for x in conds if x["task"] == t][:SHEET_CONDITIONS]}
     sheet_rows, first_rows, first_ids, candidates = [], [], set(), 0
-    waited = time.monotonic()
-    for i in range(len(parts)):
-        while (table := kept.kept_table(part_name(i), quiet=True)) is None:  # another process is sampling it
-            if time.monotonic() - waited > 60:
-                print(f"generate_candidates: waiting for part {i + 1}/{len(parts)}", flush=True)
-                waited = time.monotonic()
-            time.sleep(1)
+    for i, name in enumerate(names):
+        table = wait_for(lambda name=name: kept.kept_table(name, quiet=True), f"part {i + 1}/{len(names)}",
+                         ctx.stage)
         out.write_table(table)
         candidates += table.num_rows
         for r in table.to_pylist():  # a condition's candidates lie together: the output's first conditions
@@ -137,7 +124,7 @@ def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], parts: 
                 first_ids.add(r["condition_id"])
                 first_rows.append(r)
     _contact_sheets(out, conds, sheet_rows, per)
-    return {"conditions": len(conds), "candidates": candidates, "parts": len(parts), "parts_resumed": resumed,
+    return {"conditions": len(conds), "candidates": candidates, "parts": len(names), "parts_resumed": resumed,
             "mean_pairwise_l1": _diversity(first_rows, per)}
 
 
