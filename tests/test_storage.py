@@ -146,3 +146,42 @@ def test_artifact_key_depends_on_params_and_inputs():
     assert k != storage.artifact_key("s", "1", {"p": 1}, {"in": "abd"})
     assert k != storage.artifact_key("s", "2", {"p": 1}, {"in": "abc"})
     assert os.environ.get(storage.FAULT_ENV) is None
+
+
+def test_an_external_checkpoint_is_downloaded_once_a_listing_and_again_when_it_changes(s3_bucket, home, monkeypatch):
+    """A pretrained checkpoint on S3 (FLUX, a Qwen judge): the processes of a data-parallel stage ask for it at once
+    and one of them downloads it while the others wait; asked again it is not downloaded; uploaded again under the
+    same URI it is downloaded again and the stale copy goes."""
+    import threading
+    import time
+
+    uri = f"s3://{s3_bucket}/models/ckpt"
+    storage.write_bytes(f"{uri}/config.json", b'{"width": 4}')
+    storage.write_bytes(f"{uri}/shards/w.safetensors", b"x" * 1000)
+    copied: list[str] = []
+    stream = storage.download_file
+
+    def counted(src: str, dest) -> None:
+        copied.append(src)
+        time.sleep(0.2)  # long enough for the other process to ask meanwhile
+        stream(src, dest)
+
+    monkeypatch.setattr(storage, "download_file", counted)
+    got: list = []
+    askers = [threading.Thread(target=lambda: got.append(storage.external_folder(uri))) for _ in range(2)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join()
+    assert len(got) == 2 and got[0] == got[1]
+    assert sorted(copied) == [f"{uri}/config.json", f"{uri}/shards/w.safetensors"]
+    first = got[0]
+    assert (first / "shards" / "w.safetensors").read_bytes() == b"x" * 1000 and (first / ".complete").exists()
+    assert storage.external_folder(uri) == first and len(copied) == 2
+
+    storage.write_bytes(f"{uri}/shards/w.safetensors", b"y" * 1200)  # a new checkpoint under the same URI
+    second = storage.external_folder(uri)
+    assert second != first and not first.exists() and len(copied) == 4
+    assert (second / "shards" / "w.safetensors").read_bytes() == b"y" * 1200
+    with pytest.raises(FileNotFoundError, match="nothing under that prefix"):
+        storage.external_folder(f"s3://{s3_bucket}/models/none")

@@ -15,6 +15,7 @@ and the cause. S3 endpoint and credentials come from the standard AWS environmen
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -307,18 +308,19 @@ class Artifact:
         from onereward.config import home_dir
 
         dest = home_dir() / "cache" / f"{self.key}-{self.manifest.get('attempt', '')}"
-        if (dest / ".complete").exists():
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(dest.parent)))
-        for rel in self.files():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.read_bytes(rel))
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest))
-        (tmp / ".complete").write_text(self.uri)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-        return dest
+
+        def fill(tmp: Path) -> None:
+            for rel in self.files():
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    download_file(join(self.root, rel), target)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"artifact {self.uri}: {join(self.root, rel)} is named by the manifest "
+                                            "but missing") from None
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest))
+
+        return download_once(dest, fill, self.uri)
 
 
 def _ensure(p: Path) -> Path:
@@ -443,26 +445,75 @@ def clean_stale_staging(uri: str) -> None:
 
 def external_folder(uri: str) -> Path:
     """An external checkpoint (a local folder or an s3:// prefix) as a local folder: an s3:// one is downloaded
-    once, into ONEREWARD_HOME's cache, by URI."""
+    into ONEREWARD_HOME's cache, once for each listing of the prefix (every object's path, size and modification
+    time), so a checkpoint uploaded again under the same URI is downloaded again; the copy it replaces is deleted."""
     if not is_s3(uri):
         return Path(uri)
     from onereward.config import home_dir
 
-    return download_prefix(uri, home_dir() / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16])
+    listing = _listing(uri)
+    if not listing:
+        raise FileNotFoundError(f"external checkpoint {uri}: nothing under that prefix")
+    cache, name = home_dir() / "cache", hashlib.sha1(uri.encode()).hexdigest()[:16]
+    version = hashlib.sha1(json.dumps(sorted(listing.items())).encode()).hexdigest()[:12]
+    dest = download_prefix(uri, cache / f"{name}-{version}", sorted(listing))
+    for old in [cache / name, *cache.glob(f"{name}-*")]:  # the copies of earlier listings (and of the old layout)
+        if old != dest:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
-def download_prefix(uri: str, dest: Path) -> Path:
-    """Copy every file under a folder/prefix that is not an artifact (e.g. an external checkpoint) into
-    dest, once; a marker says the copy is whole."""
+def _listing(uri: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, modification time in ns)} of the files under a folder/prefix."""
+    fs, path = resolve(uri)
+    infos = call(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True,
+                                                                         allow_not_found=True)))
+    return {i.path[len(path) + 1 :]: (int(i.size), int(i.mtime_ns or 0)) for i in infos
+            if i.type == pafs.FileType.File}
+
+
+def download_prefix(uri: str, dest: Path, files: list[str] | None = None) -> Path:
+    """Every file under a folder/prefix that is not an artifact (e.g. an external checkpoint), or those of `files`,
+    copied into dest once (`download_once`), each streamed: a FLUX shard is ~10 GB."""
+
+    def fill(tmp: Path) -> None:
+        for rel in list_files(uri) if files is None else files:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            download_file(join(uri, rel), target)
+
+    return download_once(dest, fill, uri)
+
+
+def download_once(dest: Path, fill: Callable[[Path], None], source: str) -> Path:
+    """`dest`, filled by `fill(folder)` unless a marker says a copy is whole there already. Under a lock beside it:
+    the processes of a data-parallel stage on one node ask at once, and the others wait for the first one's copy
+    rather than each replacing the folder under the feet of those already reading it."""
     marker = dest / ".complete"
     if marker.exists():
         return dest
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=_ensure(dest.parent)))
-    for rel in list_files(uri):
-        target = tmp / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(read_bytes(join(uri, rel)))
-    (tmp / ".complete").write_text(uri)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with open(_ensure(dest.parent) / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if marker.exists():
+            return dest
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        try:
+            fill(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        (tmp / ".complete").write_text(source)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
     return dest
+
+
+def download_file(uri: str, dest: Path) -> None:
+    """One object streamed to a local file in 16 MiB pieces (retried whole on a transient fault)."""
+    fs, path = resolve(uri)
+
+    def copy() -> None:
+        with fs.open_input_stream(path) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+
+    call(uri, "read", copy)
