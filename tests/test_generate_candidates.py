@@ -76,3 +76,21 @@ def test_two_processes_share_the_parts_and_write_one_processs_table(step, tmp_pa
     dp = storage.Artifact(out)
     assert dp.exists() and not storage.exists(f"{out}.scratch")
     assert dp.read_table().equals(_one_process(step, tmp_path, env).read_table())
+
+
+def test_conditions_are_read_keeping_only_the_rows_asked_for(step):
+    """read_conditions / load_conditions (every stage's reader of the conditions table) filter a shard at a time:
+    what they return is what filtering the whole table in Python returns."""
+    from onereward.stages.pretrain_base import CONDITION_KEYS, load_conditions, read_conditions
+
+    art = storage.Artifact(step.inputs["conditions"])
+    everything = sorted(art.read_table().to_pylist(), key=lambda r: r["condition_id"])
+    for split in ("train", "heldout"):
+        want = [r for r in everything if r["split"] == split and r["target"]]
+        assert want and load_conditions(art, split) == want
+        some = {r["condition_id"] for r in want[::3]} | {everything[0]["condition_id"]}
+        assert load_conditions(art, split, ids=some) == [r for r in want if r["condition_id"] in some]
+        light = load_conditions(art, split, columns=CONDITION_KEYS)
+        assert [r["condition_id"] for r in light] == [r["condition_id"] for r in want] and "image" not in light[0]
+    assert read_conditions(art) == everything
+    assert read_conditions(art, ids=[everything[1]["condition_id"]]) == [everything[1]]

@@ -24,7 +24,8 @@ from onereward.config import load_config
 from onereward.pipeline import GRAPH
 from onereward.runner import execute_stage, plan
 from onereward.stages.label_preferences import Ground
-from onereward.stages.rl_finetune import NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
+from onereward.stages.pretrain_base import load_conditions
+from onereward.stages.rl_finetune import Conditions, NoImprovement, bootstrap_low, drift, noise_seeds, residue, score
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +281,16 @@ def test_two_processes_train_one_policy_data_parallel(rl_home, tmp_path):
     assert len(two) == len(one) and two != pytest.approx(one, rel=1e-6), (two, one)
     versions = {str(v.version) for v in client.search_model_versions("name='onereward-generator'")}
     assert art.read_json("registry.json")["version"] in versions
+
+
+def test_a_training_pool_decoded_as_drawn_gives_what_the_decoded_one_gives(rl_home):
+    """rl_finetune keeps its train conditions as PNGs and decodes a draw at a time (flux's would take hundreds of
+    GB decoded): each draw is the rows the decoded pool gives, bit for bit."""
+    s, step = _step(RL)
+    rows = load_conditions(storage.Artifact(step.inputs["conditions"]), "train")[:40]
+    decoded, lazy = Conditions.of(rows), Conditions.of(rows, decoded=False)
+    assert lazy.batch is None and lazy.by_task == decoded.by_task
+    for idx in ([0], [3, 1, 3, 39], list(range(0, 40, 7))):
+        a, b = decoded.take(idx), lazy.take(idx)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)

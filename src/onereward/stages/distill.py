@@ -43,7 +43,7 @@ from onereward.models.registry import register_generator
 from onereward.stages import StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
 from onereward.stages.parts import parts_left, wait_for
-from onereward.stages.pretrain_base import load_conditions
+from onereward.stages.pretrain_base import CONDITION_KEYS, load_conditions
 from onereward.stages.rl_finetune import Conditions, validation_rows
 
 
@@ -193,11 +193,11 @@ def distill(ctx: StageContext) -> dict[str, float]:
     if dc.threads:
         torch.set_num_threads(dc.threads)
     conditions = ctx.inputs["conditions"]
-    rows = load_conditions(conditions, "train")
-    if not rows:
+    ids = [r["condition_id"] for r in load_conditions(conditions, "train", columns=CONDITION_KEYS)]
+    if not ids:
         raise ValueError(f"conditions {conditions.uri}: no train rows")
-    pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(s.seed))[: dc.train_conditions]
-    train = Conditions.of([rows[i] for i in sorted(pick.tolist())])
+    pick = torch.randperm(len(ids), generator=torch.Generator().manual_seed(s.seed))[: dc.train_conditions]
+    train = Conditions.of(load_conditions(conditions, "train", ids=[ids[i] for i in pick.tolist()]))
     held = Conditions.of([r for rs in validation_rows(conditions, 8).values() for r in rs])
     teacher_dir = ctx.inputs["policy"].local_dir() / "model"
     ckpts = Checkpoints(ctx, dc.checkpoint_every)

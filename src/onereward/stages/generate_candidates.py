@@ -30,6 +30,7 @@ from onereward.models.generator import load_generator
 from onereward.stages import StageContext
 from onereward.stages.checkpoint import Checkpoints
 from onereward.stages.parts import parts_left, wait_for
+from onereward.stages.pretrain_base import read_conditions
 
 SHEET_CONDITIONS = 6  # a task's contact sheet: its first conditions, each with its candidates
 DIVERSITY_CONDITIONS = 50  # the diversity measure reads the output's first conditions
@@ -81,15 +82,21 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     c = s.candidates
     workers = ctx.workers
-    conds = pick_conditions(ctx.inputs["conditions"].read_table().to_pylist(), c.max_conditions)
+    art = ctx.inputs["conditions"]
+    # chosen on their ids, then read whole only for the parts this process samples (and the contact sheets)
+    conds = pick_conditions(read_conditions(art, columns=["condition_id", "split", "task"]), c.max_conditions)
     if not conds:
-        raise ValueError(f"generate_candidates: conditions {ctx.inputs['conditions'].uri} hold no train condition")
+        raise ValueError(f"generate_candidates: conditions {art.uri} hold no train condition")
     parts = [conds[i : i + c.part_conditions] for i in range(0, len(conds), c.part_conditions)]
     settings = list(itertools.product(c.steps, c.guidance))
     kept = Checkpoints(ctx)
     names = [f"part-{i:05d}" for i in range(len(parts))]
-    batches = [jobs_of(p, settings, c.per_condition, c.batch_size) for p in parts]
     mine, resumed = parts_left(kept, workers, names, "parts")
+    sheets = [r for t in TASKS for r in [x for x in conds if x["task"] == t][:SHEET_CONDITIONS]] if workers.main else []
+    full = {r["condition_id"]: r for r in read_conditions(
+        art, ids=[r["condition_id"] for i in mine for r in parts[i]] + [r["condition_id"] for r in sheets])}
+    batches = {i: jobs_of([full[r["condition_id"]] for r in parts[i]], settings, c.per_condition, c.batch_size)
+               for i in mine}
     gen = load_generator(ctx.inputs["base_model"].local_dir() / "model") if mine else None
     with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task("generate_candidates", total=sum(len(batches[i]) for i in mine))
@@ -102,15 +109,16 @@ def generate_candidates(ctx: StageContext) -> dict[str, float]:
                       f"conditions, {table.num_rows} candidates) in {time.perf_counter() - t0:.0f} s", flush=True)
     if not workers.main:  # the main process writes the output
         return {}
-    return write_parts(ctx, kept, conds, names, c.per_condition, resumed)
+    return write_parts(ctx, kept, [full[r["condition_id"]] for r in sheets], names, c.per_condition, resumed,
+                       len(conds))
 
 
-def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], names: list[str], per: int,
-                resumed: int) -> dict[str, float]:
+def write_parts(ctx: StageContext, kept: Checkpoints, sheets: list[dict], names: list[str], per: int, resumed: int,
+                conditions: int) -> dict[str, float]:
     """The kept parts, in order, as the output's shards (one in memory at a time), once every process kept its
-    own; with the contact sheets and the diversity measure read on the way."""
+    own; with the contact sheets (of the conditions `sheets`) and the diversity measure read on the way."""
     out = ctx.outputs["candidates"]
-    sheet_ids = {r["condition_id"] for t in TASKS for r in [x for x in conds if x["task"] == t][:SHEET_CONDITIONS]}
+    sheet_ids = {r["condition_id"] for r in sheets}
     sheet_rows, first_rows, first_ids, candidates = [], [], set(), 0
     for i, name in enumerate(names):
         table = wait_for(lambda name=name: kept.kept_table(name, quiet=True), f"part {i + 1}/{len(names)}",
@@ -123,8 +131,8 @@ def write_parts(ctx: StageContext, kept: Checkpoints, conds: list[dict], names: 
             if r["condition_id"] in first_ids or len(first_ids) < DIVERSITY_CONDITIONS:
                 first_ids.add(r["condition_id"])
                 first_rows.append(r)
-    _contact_sheets(out, conds, sheet_rows, per)
-    return {"conditions": len(conds), "candidates": candidates, "parts": len(names), "parts_resumed": resumed,
+    _contact_sheets(out, sheets, sheet_rows, per)
+    return {"conditions": conditions, "candidates": candidates, "parts": len(names), "parts_resumed": resumed,
             "mean_pairwise_l1": _diversity(first_rows, per)}
 
 

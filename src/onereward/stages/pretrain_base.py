@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -32,10 +33,35 @@ from onereward.models.tiny_unet import TinyUNetGenerator
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoints
 
+CONDITION_KEYS = ["condition_id", "split", "task", "target"]  # what load_conditions must read to choose rows
 
-def load_conditions(art: storage.Artifact, split: str) -> list[dict]:
-    rows = art.read_table().to_pylist()
-    return sorted((r for r in rows if r["split"] == split and r["target"]), key=lambda r: r["condition_id"])
+
+def load_conditions(art: storage.Artifact, split: str, ids: Iterable[str] | None = None,
+                    columns: list[str] | None = None) -> list[dict]:
+    """The conditions of `split` that have a target (of `ids` only, when given), sorted by id (`read_conditions`)."""
+    return read_conditions(art, ids, split, with_target=True, columns=columns)
+
+
+def read_conditions(art: storage.Artifact, ids: Iterable[str] | None = None, split: str | None = None,
+                    with_target: bool = False, columns: list[str] | None = None) -> list[dict]:
+    """Conditions of `ids` / `split` / with a target (each filter when given), sorted by id: read a shard at a time,
+    and only the rows kept become Python objects, so memory holds what the caller asked for (on flux the table is
+    tens of GB of 512 px PNGs). `columns` (with those the filters read: CONDITION_KEYS) reads fewer."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = None if ids is None else pa.array(sorted(set(ids)), pa.string())
+    rows: list[dict] = []
+    for t in art.iter_batches(columns=columns):
+        keep = pa.array([True] * t.num_rows)
+        if split is not None:
+            keep = pc.and_(keep, pc.equal(t["split"], split))
+        if with_target:
+            keep = pc.and_(keep, pc.greater(pc.binary_length(t["target"]), 0))  # a null (no target) is dropped
+        if wanted is not None:
+            keep = pc.and_(keep, pc.is_in(t["condition_id"], value_set=wanted))
+        rows += t.filter(keep).to_pylist()
+    return sorted(rows, key=lambda r: r["condition_id"])
 
 
 def heldout_by_task(rows: list[dict], per_task: int) -> dict[str, list[dict]]:

@@ -85,23 +85,33 @@ def task_measure(task: str, images: torch.Tensor, rows: list[dict]) -> torch.Ten
 @dataclass
 class Conditions:
     rows: list[dict]
-    batch: dict
-    context: torch.Tensor  # the masked input the judges are shown
+    batch: dict | None  # every row decoded; None where rows are decoded as they are drawn (`take`)
+    context: torch.Tensor | None  # the masked input the judges are shown
     by_task: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, rows: list[dict]) -> Conditions:
-        b = tensors.batch_from_rows(rows)
+    def of(cls, rows: list[dict], decoded: bool = True) -> Conditions:
+        """`decoded=False` for a training pool: flux's train conditions decoded at 512 px would take ~10 MB each,
+        hundreds of GB in all, where their PNGs take ~1 MB and a draw decodes a batch."""
         by_task = defaultdict(list)
         for i, r in enumerate(rows):
             by_task[r["task"]].append(i)
+        if not decoded:
+            return cls(rows, None, None, dict(by_task))
+        b = tensors.batch_from_rows(rows)
         return cls(rows, b, tensors.masked_input(b["images"], b["masks"]), dict(by_task))
 
     def take(self, idx: list[int], device: torch.device | str = "cpu") -> dict:
-        b = self.batch
-        return {"images": b["images"][idx].to(device), "masks": b["masks"][idx].to(device),
-                "targets": b["targets"][idx].to(device), "prompts": [b["prompts"][i] for i in idx],
-                "tasks": [b["tasks"][i] for i in idx], "context": self.context[idx].to(device)}
+        if self.batch is None:
+            b = tensors.batch_from_rows([self.rows[i] for i in idx])
+            context = tensors.masked_input(b["images"], b["masks"])
+        else:
+            b = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx]
+                 for k, v in self.batch.items() if k != "targets" or v is not None}
+            context = self.context[idx]
+        return {"images": b["images"].to(device), "masks": b["masks"].to(device),
+                "targets": b["targets"].to(device), "prompts": b["prompts"], "tasks": b["tasks"],
+                "context": context.to(device)}
 
 
 def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, list[dict]]:
@@ -520,7 +530,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
         tracking.log_metrics(base_val)
         print_metrics(ctx.stage, base_val)
     ckpts = Checkpoints(ctx, rc.checkpoint_every)
-    prog = train(s, ckpts, policy, base_state, Conditions.of(train_rows), val, judge, workers)
+    prog = train(s, ckpts, policy, base_state, Conditions.of(train_rows, decoded=False), val, judge, workers)
     if not workers.main:
         return {}
     if prog.best_step == 0 and rc.require_improvement:
