@@ -149,7 +149,6 @@ class Checkpoints:
         local, facts = found
         return load_file(str(local / f"{name}.safetensors")), facts
 
-
     def keep_table(self, name: str, table: pa.Table) -> None:
         """Save a finished share of the stage's output rows (generate_candidates' parts), once, atomically."""
         with storage.writing(storage.join(self.scratch, name), key=self.key) as w:

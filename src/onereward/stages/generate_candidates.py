@@ -2,8 +2,9 @@
 steps, written as Parquet with a contact sheet per task.
 
 Sampled in parts of `candidates.part_conditions` conditions: a part's candidates are encoded and kept in the stage's
-scratch as soon as they are sampled (one Parquet artifact, committed atomically), so memory holds one part, a killed
-run resumes at the parts it had not kept, and the stage runs data parallel on a node's GPUs (`resources.gpus:
+scratch as soon as they are sampled (one Parquet artifact, committed atomically), so memory holds one part's
+candidates (and the PNGs of this process's conditions), a killed run resumes at the parts it had not kept, and the
+stage runs data parallel on a node's GPUs (`resources.gpus:
 {generate_candidates: N}`): process r samples the r-th, (r+N)-th, ... of the parts left to do, and the main process,
 once every part is kept, writes them in order as the output's Parquet shards. A candidate's image depends on its
 part's batches only (seeds are per candidate), so the output is the same whatever the processes or kills.

@@ -106,9 +106,9 @@ class Conditions:
             b = tensors.batch_from_rows([self.rows[i] for i in idx])
             context = tensors.masked_input(b["images"], b["masks"])
         else:
-            b = {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx]
-                 for k, v in self.batch.items() if k != "targets" or v is not None}
-            context = self.context[idx]
+            whole, context = self.batch, self.context[idx]
+            b = {"images": whole["images"][idx], "masks": whole["masks"][idx], "targets": whole["targets"][idx],
+                 "prompts": [whole["prompts"][i] for i in idx], "tasks": [whole["tasks"][i] for i in idx]}
         return {"images": b["images"].to(device), "masks": b["masks"].to(device),
                 "targets": b["targets"].to(device), "prompts": b["prompts"], "tasks": b["tasks"],
                 "context": context.to(device)}
