@@ -79,9 +79,11 @@ def test_two_processes_share_the_parts_and_write_one_processs_table(step, tmp_pa
 
 
 def test_conditions_are_read_keeping_only_the_rows_asked_for(step):
-    """read_conditions / load_conditions (every stage's reader of the conditions table) filter a shard at a time:
-    what they return is what filtering the whole table in Python returns."""
+    """read_conditions / load_conditions / validation_rows (every stage's readers of the conditions table) filter a
+    shard at a time: what they return is what filtering the whole table in Python returns."""
+    from onereward.config import TASKS
     from onereward.stages.pretrain_base import CONDITION_KEYS, load_conditions, read_conditions
+    from onereward.stages.rl_finetune import validation_rows
 
     art = storage.Artifact(step.inputs["conditions"])
     everything = sorted(art.read_table().to_pylist(), key=lambda r: r["condition_id"])
@@ -94,3 +96,6 @@ def test_conditions_are_read_keeping_only_the_rows_asked_for(step):
         assert [r["condition_id"] for r in light] == [r["condition_id"] for r in want] and "image" not in light[0]
     assert read_conditions(art) == everything
     assert read_conditions(art, ids=[everything[1]["condition_id"]]) == [everything[1]]
+    held = [r for r in everything if r["split"] == "heldout" and r["target"]]
+    for per_task in (1, 3, 1000):  # rl_finetune, distill and evaluate's held-out sets: chosen on ids, then read
+        assert validation_rows(art, per_task) == {t: [r for r in held if r["task"] == t][:per_task] for t in TASKS}

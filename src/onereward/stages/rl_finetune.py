@@ -48,7 +48,7 @@ from onereward.models.registry import register_generator
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoints, ranks_rng
 from onereward.stages.label_preferences import MEASURES, Ground
-from onereward.stages.pretrain_base import load_conditions
+from onereward.stages.pretrain_base import CONDITION_KEYS, load_conditions
 from onereward.stages.train_reward import square_symmetry
 
 # Each task's own ground-truth measure (lower is better): what RL must move without being trained on it.
@@ -115,8 +115,13 @@ class Conditions:
 
 
 def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, list[dict]]:
-    held = load_conditions(conditions, "heldout")
-    return {t: [r for r in held if r["task"] == t][:per_task] for t in TASKS}
+    """The first `per_task` held-out conditions with a target of each task (by id): chosen on their ids, then only
+    those read whole."""
+    light = load_conditions(conditions, "heldout", columns=CONDITION_KEYS)
+    ids = {t: [r["condition_id"] for r in light if r["task"] == t][:per_task] for t in TASKS}
+    chosen = [i for v in ids.values() for i in v]
+    full = {r["condition_id"]: r for r in load_conditions(conditions, "heldout", ids=chosen)}
+    return {t: [full[i] for i in v] for t, v in ids.items()}
 
 
 def noise_seeds(seed: int, step: int, n: int, stream: int) -> list[int]:
