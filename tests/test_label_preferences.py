@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from onereward import storage
@@ -227,8 +228,21 @@ def test_stage_runs_through_the_runner_and_writes_the_schema(small_settings, tmp
     crit = s.labels.criteria.model_dump()
     assert all(r["criterion"] in crit[tasks[r["condition_id"]]] and r["task"] == tasks[r["condition_id"]]
                for r in rows)
-    assert all(from_png(r["winner_image"]).shape == from_png(r["loser_image"]).shape == (32, 32, 3) for r in rows)
     assert len({(r["pair_id"], r["winner_id"]) for r in rows}) == len(rows)
+    # the images the pairs name, each once, and each labelled condition's masked input, in small row groups
+    images = _pair_images(art)
+    named = {r[f"{side}_id"] for r in rows for side in ("winner", "loser")}
+    assert set(images) == named | {f"{r['condition_id']}-context" for r in rows}
+    assert all(from_png(png).shape == (32, 32, 3) for png in images.values())
+    by_id = {c["candidate_id"]: c["image"] for c in _candidates_for(conditions)}
+    by_id |= {f"{c['condition_id']}-target": c["target"] for c in conditions}
+    assert all(images[i] == by_id[i] for i in named if "~" not in i)
+    for c in conditions:
+        if f"{c['condition_id']}-context" in images:
+            context = from_png(images[f"{c['condition_id']}-context"])
+            mask = from_png(c["mask"], "L") > 127
+            assert (context[mask] == 128).all() and (context[~mask] == from_png(c["image"])[~mask]).all()
+    assert max(pq.ParquetFile(f).metadata.row_group(0).num_rows for f in art.local_shards("images")) <= 16
 
     # the report, the metrics and the table agree, cell by cell
     rep = art.read_json("report.json")
@@ -250,6 +264,14 @@ def test_stage_runs_through_the_runner_and_writes_the_schema(small_settings, tmp
 
     again = execute_stage(STAGE, s, {"conditions": cond_uri, "candidates": cand_uri}, {"preferences": out})
     assert again.status == "cached"
+
+
+def _pair_images(art: storage.Artifact) -> dict[str, bytes]:
+    t = art.read_table("images")
+    assert t.schema.equals(schema.PAIR_IMAGES)
+    ids = t.column("image_id").to_pylist()
+    assert len(set(ids)) == len(ids)
+    return dict(zip(ids, t.column("image").to_pylist(), strict=True))
 
 
 def _write_inputs(tmp_path) -> tuple[dict[str, str], list[dict], list[dict]]:
@@ -312,7 +334,8 @@ def test_label_studio_export_then_import_gives_the_same_pairs(home, tmp_path):
     assert {(r["condition_id"], r["criterion"], r["winner_id"], r["loser_id"], r["pair_id"]) for r in rows} == chosen
     assert len(rows) == len(tasks) and outcome.metrics["rejected"] == 0
     assert {r["labeller"] for r in rows} == {"import"} and {r["kind"] for r in rows} == {"cand_vs_cand"}
-    assert all(r["winner_image"] == pngs[r["winner_id"]] and r["confidence"] == 1.0 for r in rows)
+    images = _pair_images(storage.Artifact(out))
+    assert all(images[r["winner_id"]] == pngs[r["winner_id"]] and r["confidence"] == 1.0 for r in rows)
     split = {c["condition_id"]: c["split"] for c in conditions}
     assert all(r["split"] == split[r["condition_id"]] for r in rows)
     # the ground truth is known here: the margin says whether the annotator agreed with it

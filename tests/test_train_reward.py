@@ -39,21 +39,30 @@ def _png(level: float, rng: np.random.Generator) -> bytes:
 
 
 def _preferences(uri: str, conditions_uri: str, conditions: int, seed: int = 0) -> None:
+    """Preferences as label_preferences writes them: the pairs, and their images and each condition's masked
+    input in table "images" (in two shards of small row groups, as a large table is)."""
+    from onereward.stages.label_preferences import context_png
+
     rng = np.random.default_rng(seed)
-    rows, conds = [], []
+    rows, conds, images = [], [], []
     for c in range(conditions):
         task = list(TASKS)[c % 2]
         conds.append({"condition_id": f"c{c}", "image_id": f"i{c}", "task": task, "image": _png(0.5, rng),
                       "mask": _mask(), "prompt": "fill red" if task == "fill" else "remove red circle",
                       "target": None, "mask_coverage": 0.25, "split": "train", "params": "{}"})
+        images.append({"image_id": f"c{c}-context", "condition_id": f"c{c}", "image": context_png(conds[-1])})
         for k in range(3):
             hi, lo = rng.uniform(0.6, 0.9), rng.uniform(0.1, 0.4)
             rows.append({"pair_id": f"c{c}-{k}", "condition_id": f"c{c}", "task": task, "criterion": TASKS[task],
                          "kind": KIND_OF[k], "winner_id": f"c{c}-w{k}", "loser_id": f"c{c}-l{k}",
-                         "winner_image": _png(hi, rng), "loser_image": _png(lo, rng), "labeller": "auto",
-                         "confidence": 0.9, "margin": float(hi - lo), "split": "train"})
+                         "labeller": "auto", "confidence": 0.9, "margin": float(hi - lo), "split": "train"})
+            images += [{"image_id": f"c{c}-w{k}", "condition_id": f"c{c}", "image": _png(hi, rng)},
+                       {"image_id": f"c{c}-l{k}", "condition_id": f"c{c}", "image": _png(lo, rng)}]
     with storage.writing(uri, key=f"prefs-{conditions}-{seed}") as w:
         w.write_table(schema.table(rows, schema.PREFERENCES))
+        half = len(images) // 2
+        for part in (images[:half], images[half:]):
+            w.write_table(schema.table(part, schema.PAIR_IMAGES), "images", row_group_rows=8)
     with storage.writing(conditions_uri, key=f"conds-{conditions}-{seed}") as w:
         w.write_table(schema.table(conds, schema.CONDITIONS))
 
@@ -109,12 +118,17 @@ def test_smoother_preference_counts_what_labels_and_judge_pick():
     rng = np.random.default_rng(0)
     flat = tensors.to_tensor([_png(0.5, np.random.default_rng(1))]).mean((2, 3), keepdim=True).expand(1, 3, 32, 32)
     textured = tensors.to_tensor([_png(0.5, rng)])
-    rows = [{"condition_id": "c", "kind": "cand_vs_cand"}, {"condition_id": "c", "kind": "cand_vs_cand"},
-            {"condition_id": "c", "kind": "target_vs_cand"}]
-    pairs = {"winner": torch.cat([flat, textured, textured]), "loser": torch.cat([textured, flat, flat])}
+    from onereward.data.image_table import ImageTable
+    from onereward.stages.train_reward import Pairs
+
+    rows = [{"condition_id": "c", "kind": "cand_vs_cand", "task": "fill", "criterion": "alignment",
+             "winner_id": w, "loser_id": lo} for w, lo in (("flat", "textured"), ("textured", "flat"))]
+    rows.append(rows[1] | {"kind": "target_vs_cand"})
+    images = ImageTable(["flat", "textured", "c-context"], decoded=torch.cat([flat, textured, textured]))
+    pairs = Pairs.of(rows, images, {"c": "fill red"})
     got = smoother_preference(rows, np.array([0.8, 0.3, 0.9]), pairs, {"c": _mask()})
     assert got == {"heldout.smoother_label": 0.5, "heldout.smoother_pref": 1.0}
-    assert smoother_preference(rows[2:], np.array([0.9]), {k: v[2:] for k, v in pairs.items()}, {"c": _mask()}) == {}
+    assert smoother_preference(rows[2:], np.array([0.9]), pairs[2:], {"c": _mask()}) == {}
 
 
 def test_judges_hold_out_different_conditions():
@@ -149,19 +163,22 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     """The Bradley-Terry warm-up learns the rule in the vision tower and leaves the language model as built."""
     import torch
 
+    from onereward.data.image_table import ImageTable
     from onereward.models.judge import Judge
-    from onereward.stages.train_reward import condition_context, pair_tensors, training_pairs, warm_up_vision
+    from onereward.stages.train_reward import Pairs, warm_up_vision
 
     prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
     _preferences(prefs, conds, 30)
     rows = storage.Artifact(prefs).read_table().to_pylist()
     train, held = [x for x in rows if int(x["condition_id"][1:]) < 20], [x for x in rows
                                                                         if int(x["condition_id"][1:]) >= 20]
-    context = condition_context(storage.Artifact(conds).read_table().to_pylist())
+    prompts = {c["condition_id"]: c["prompt"] for c in storage.Artifact(conds).read_table().to_pylist()}
+    images = ImageTable.read(storage.Artifact(prefs))
     r = load_config("tiny", ["reward.vision_warmup_steps=60", "reward.batch_size=16"]).reward
-    judge = Judge.build(sorted(TASKS.items()), [p for p, _ in context.values()], seed=0)
+    judge = Judge.build(sorted(TASKS.items()), list(prompts.values()), seed=0)
     before = {k: v.clone() for k, v in judge.model.state_dict().items()}
-    m = warm_up_vision(judge, training_pairs(train, context, r), r, 0, "test", (held, pair_tensors(held, context)))
+    m = warm_up_vision(judge, Pairs.of(train, images, prompts, r), r, 0, "test",
+                       (held, Pairs.of(held, images, prompts)))
     assert m["warmup.bt_loss"] < 0.35, m  # ln 2 = 0.69 at chance
     # the vision score alone ranks the pairs of conditions it never saw, each kind on its own
     assert set(m) == {"warmup.bt_loss", "warmup.heldout.acc_cand.mean",
@@ -171,8 +188,34 @@ def test_vision_warm_up_fits_the_vision_tower_alone(home, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in k or k.startswith("visual.") for k in changed), sorted(changed)[:5]
     r0 = load_config("tiny", ["reward.vision_warmup_steps=0"]).reward
-    assert warm_up_vision(judge, training_pairs(train, context, r0), r0, 0, "test") == {}
+    assert warm_up_vision(judge, Pairs.of(train, images, prompts, r0), r0, 0, "test") == {}
 
+
+
+def test_a_table_read_lazily_gives_the_decoded_tables_pairs(tmp_path):
+    """Images too many to decode (a limit of 0 bytes here; flux's) are read a row group at a time: every drawn batch
+    and every held-out slice is the decoded table's, bit for bit."""
+    import torch
+
+    from onereward.data.image_table import ImageTable
+    from onereward.stages.train_reward import Pairs, draw_batch
+
+    prefs, conds = str(tmp_path / "prefs"), str(tmp_path / "conds")
+    _preferences(prefs, conds, 12)
+    art = storage.Artifact(prefs)
+    rows = art.read_table().to_pylist()
+    prompts = {c["condition_id"]: c["prompt"] for c in storage.Artifact(conds).read_table().to_pylist()}
+    eager, lazy = ImageTable.read(art), ImageTable.read(art, limit_bytes=0)
+    assert not eager.lazy and lazy.lazy and eager.ids == lazy.ids and len(eager) == 12 * 7
+    r = load_config("tiny", ["reward.batch_size=16"]).reward
+    decoded, read = Pairs.of(rows, eager, prompts, r), Pairs.of(rows, lazy, prompts, r)
+    for seed in range(3):
+        (w1, l1, q1), (w2, l2, q2) = (draw_batch(p, r, torch.Generator().manual_seed(seed)) for p in (decoded, read))
+        assert torch.equal(w1, w2) and torch.equal(l1, l2) and torch.equal(q1.context, q2.context)
+        assert q1.tasks == q2.tasks and q1.prompts == q2.prompts
+    assert all(torch.equal(x, y) for x, y in zip(decoded[5:17].tensors()[:2], read[5:17].tensors()[:2], strict=True))
+    with pytest.raises(ValueError, match="no image with id"):
+        lazy.positions(["c0-w0", "nope"])
 
 
 def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
@@ -180,17 +223,19 @@ def test_batches_fill_each_kind_share_and_turn_a_pair_as_one():
     masked input are turned or mirrored the same way, and rows of augment_skip tasks are left as they are."""
     import torch
 
-    from onereward.models.judge import Query
-    from onereward.stages.train_reward import draw_batch, sampling_weights, square_symmetry
+    from onereward.data.image_table import ImageTable
+    from onereward.stages.train_reward import Pairs, draw_batch, sampling_weights, square_symmetry
 
     kinds = ["cand_vs_cand"] * 90 + ["cand_vs_degraded"] * 10
-    rows = [{"kind": k} for k in kinds]
-    r = load_config("tiny", ["reward.batch_size=2000", "reward.augment_skip=[text]"]).reward
-    n = len(rows)
-    img = torch.rand(n, 3, 8, 8) * 2 - 1
+    n = len(kinds)
     tasks = ["text" if i % 2 else "fill" for i in range(n)]
-    train = {"winner": img, "loser": -img, "weight": sampling_weights(rows, r.kind_share),
-             "query": Query(tasks, ["c"] * n, ["p"] * n, img * 0.5)}
+    rows = [{"kind": k, "task": t, "criterion": "c", "condition_id": f"c{i}", "winner_id": f"w{i}",
+             "loser_id": f"l{i}"} for i, (k, t) in enumerate(zip(kinds, tasks, strict=True))]
+    r = load_config("tiny", ["reward.batch_size=2000", "reward.augment_skip=[text]"]).reward
+    img = torch.rand(n, 3, 8, 8) * 2 - 1
+    ids = [f"{side}{i}" for side in ("w", "l") for i in range(n)] + [f"c{i}-context" for i in range(n)]
+    images = ImageTable(ids, decoded=torch.cat([img, -img, img * 0.5]))
+    train = Pairs.of(rows, images, {f"c{i}": "p" for i in range(n)}, r)
     winner, loser, q = draw_batch(train, r, torch.Generator().manual_seed(0))
     assert torch.allclose(loser, -winner) and torch.allclose(q.context, winner * 0.5)
     # every drawn row is one of the 8 symmetries of a source row: find which

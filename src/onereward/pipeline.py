@@ -161,7 +161,7 @@ GRAPH = Graph((
           params=("seed", "generator", "candidates"), resources=GPU, data_parallel=True,
           description="N candidates per condition with varied seeds / guidance / steps"),
     Stage(name="label_preferences", inputs=("conditions", "candidates"), outputs=(Output("preferences"),),
-          params=("seed", "labels"),
+          params=("seed", "labels"), version="2",  # 2: pairs name their images, stored once in table "images"
           description="winner/loser per (task, criterion) from a pluggable labeller",
           fingerprint="onereward.data.labelstudio:export_fingerprint"),
     Stage(name="train_reward", inputs=("preferences", "conditions"), outputs=(Output("reward_model", "Model"),),

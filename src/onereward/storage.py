@@ -301,6 +301,12 @@ class Artifact:
         tables = list(self.iter_batches(name, columns))
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
+    def local_shards(self, name: str = "data") -> list[Path]:
+        """The local files of table `name`, for readers that read parts of a shard (`local_dir`)."""
+        shards = self._shards(name)
+        root = self.local_dir()
+        return [root / s for s in shards]
+
     def local_dir(self) -> Path:
         """A local folder with the artifact's files (S3 artifacts are downloaded once, by key and attempt)."""
         if not is_s3(self.uri):
@@ -351,11 +357,12 @@ class ArtifactWriter:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
-    def write_table(self, table: pa.Table, name: str = "data") -> None:
-        """Append one Parquet shard of table `name`."""
+    def write_table(self, table: pa.Table, name: str = "data", row_group_rows: int | None = None) -> None:
+        """Append one Parquet shard of table `name` (`row_group_rows`: small row groups for tables read a few rows
+        at a time)."""
         i = self._counters.get(name, 0)
         self._counters[name] = i + 1
-        pq.write_table(table, self.path(f"{name}-{i:05d}.parquet"), compression="zstd")
+        pq.write_table(table, self.path(f"{name}-{i:05d}.parquet"), compression="zstd", row_group_size=row_group_rows)
         self.rows[name] = self.rows.get(name, 0) + table.num_rows
         if i == 0:
             fault_point("write.first_shard")

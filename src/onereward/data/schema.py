@@ -65,16 +65,25 @@ PREFERENCES = pa.schema(  # label_preferences: one ordered pair (winner better t
         pa.field("task", pa.string(), nullable=False),
         pa.field("criterion", pa.string(), nullable=False),  # e.g. alignment, removal_quality (config labels.criteria)
         pa.field("kind", pa.string(), nullable=False),  # cand_vs_cand | target_vs_cand | cand_vs_degraded
-        pa.field("winner_id", pa.string(), nullable=False),  # a candidate_id, COND-target, or SOURCE~degradation
+        # a candidate_id, COND-target, or SOURCE~degradation: the image_id of the artifact's table "images"
+        pa.field("winner_id", pa.string(), nullable=False),
         pa.field("loser_id", pa.string(), nullable=False),
-        pa.field("winner_image", pa.binary(), nullable=False),  # PNG RGB
-        pa.field("loser_image", pa.binary(), nullable=False),  # PNG RGB
         pa.field("labeller", pa.string(), nullable=False),  # auto | import
         pa.field("confidence", pa.float32(), nullable=False),  # estimated probability that the label is right
         # the ground-truth measure of the loser minus the winner's (lower is better): negative where label noise
         # flipped the pair; NaN for an imported label on a condition without a target
         pa.field("margin", pa.float32(), nullable=False),
         pa.field("split", pa.string(), nullable=False),  # the condition's split: train | heldout
+    ]
+)
+
+# label_preferences' table "images": each image its pairs name, once, and what the judge is shown of each condition
+# (COND-context: the masked input)
+PAIR_IMAGES = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("condition_id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # PNG RGB
     ]
 )
 

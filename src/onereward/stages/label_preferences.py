@@ -2,9 +2,12 @@
 pluggable labeller, for the one reward model.
 
 Inputs: `conditions` (synthesize_masks), `candidates` (generate_candidates).
-Output: `preferences` — table `data` (schema.PREFERENCES, both images in the row), `report.json` (pairs and
-mean margin per task, criterion and kind); with `labels.kind: import` also table `rejected`
-(schema.REJECTED_LABELS) and `rejected.json`, naming every export entry that was not kept.
+Output: `preferences` — table `data` (schema.PREFERENCES: the pairs, naming their images by id), table `images`
+(schema.PAIR_IMAGES: each image the pairs name, once, and each condition's masked input as COND-context, in small
+row groups for readers that fetch a batch at a time), `report.json` (pairs and mean margin per task, criterion and
+kind); with `labels.kind: import` also table `rejected` (schema.REJECTED_LABELS) and `rejected.json`, naming every
+export entry that was not kept. The candidates are read a shard at a time and labelled a condition at a time;
+memory holds the pairs without their images, one shard's candidates and the conditions that have candidates.
 Config: `seed`, `labels`.
 Metrics: `pairs`, `pairs.<kind>`, `pairs.<task>.<criterion>.<kind>`, `margin.<task>.<criterion>.<kind>`,
 `below_margin.<kind>`, `flipped`, `conditions`, `conditions.no_target`, `rejected`, `rejected.<reason>`,
@@ -32,7 +35,7 @@ import hashlib
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,13 +45,15 @@ from scipy.ndimage import binary_dilation
 
 from onereward import storage, tracking
 from onereward.config import LabelsConfig
-from onereward.data import labelstudio, procedural, schema
+from onereward.data import image_table, labelstudio, procedural, schema
 from onereward.models import tensors
 from onereward.models.tensors import _masked_mse
 from onereward.stages import StageContext
+from onereward.stages.pretrain_base import read_conditions
 
 KINDS = ("cand_vs_cand", "target_vs_cand", "cand_vs_degraded")
 SHARD_ROWS = 4096
+IMAGE_SHARD_ROWS = 1024  # images a shard of table `images` (flux: ~0.4 GB of 512 px PNGs, estimated)
 CONFIDENCE_SCALE = 0.25  # relative margin at which a ground-truth label is trusted with p ≈ 0.82
 
 
@@ -142,24 +147,36 @@ MEASURES: dict[str, Callable[[torch.Tensor, Ground], torch.Tensor]] = {
     f.__name__: f for f in (alignment, consistency, structure, aesthetics, removal_quality, text_correctness)}
 
 
+def pair_pngs(rows: list[dict]) -> dict[str, bytes]:
+    """image id -> PNG of every image the pairs (rows with `winner_image` and `loser_image`) name."""
+    return {r[f"{side}_id"]: r[f"{side}_image"] for r in rows for side in ("winner", "loser")}
+
+
+def smoother_flags(rows: list[dict], mask: bytes) -> list[bool]:
+    """For the pairs of one condition (rows with their images): whether each winner has less in-mask detail than
+    its loser. Each image is measured once, however many pairs it is in."""
+    images = pair_pngs(rows)
+    ids = list(images)
+    values = tensors.detail(tensors.to_tensor([images[i] for i in ids]), tensors.to_tensor([mask], "L"))
+    measured = dict(zip(ids, values.tolist(), strict=True))
+    return [measured[r["winner_id"]] < measured[r["loser_id"]] for r in rows]
+
+
+def smoother_shares(rows: list[dict], flags: list[bool]) -> dict[str, float]:
+    """`smoother_wins.<kind>.<task>`: share of the pairs whose winner has less in-mask detail than its loser."""
+    wins: dict[str, list[bool]] = defaultdict(list)
+    for r, smoother in zip(rows, flags, strict=True):
+        wins[f"smoother_wins.{r['kind']}.{r['task']}"].append(smoother)
+    return {k: float(np.mean(v)) for k, v in sorted(wins.items())}
+
+
 def smoother_wins(rows: list[dict], masks: dict[str, bytes]) -> dict[str, float]:
-    """`smoother_wins.<kind>.<task>`: share of the pairs whose winner has less in-mask detail than its loser;
-    `masks` maps condition id -> mask PNG. Each image is measured once, however many pairs it is in."""
-    measured: dict[tuple[str, str], float] = {}
+    """smoother_shares of rows with their images; `masks` maps condition id -> mask PNG."""
     by_cond: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cond[r["condition_id"]].append(r)
-    wins: dict[str, list[bool]] = defaultdict(list)
-    for cid, group in by_cond.items():
-        images = {r[f"{side}_id"]: r[f"{side}_image"] for r in group for side in ("winner", "loser")}
-        todo = [i for i in images if (cid, i) not in measured]
-        if todo:
-            values = tensors.detail(tensors.to_tensor([images[i] for i in todo]), tensors.to_tensor([masks[cid]], "L"))
-            measured.update({(cid, i): v for i, v in zip(todo, values.tolist(), strict=True)})
-        for r in group:
-            wins[f"smoother_wins.{r['kind']}.{r['task']}"].append(
-                measured[(cid, r["winner_id"])] < measured[(cid, r["loser_id"])])
-    return {k: float(np.mean(v)) for k, v in sorted(wins.items())}
+    ordered = [r for group in by_cond.values() for r in group]
+    return smoother_shares(ordered, [f for cid, group in by_cond.items() for f in smoother_flags(group, masks[cid])])
 
 
 def detail_conflicts(shares: dict[str, float]) -> list[str]:
@@ -319,48 +336,105 @@ def report(rows: list[dict], counts: Counter[str]) -> dict:
             "mean_margin": margins, **dict(sorted(counts.items()))}
 
 
+def context_png(cond: dict) -> bytes:
+    """What the judge is shown of a condition beside the two images: its masked input."""
+    x = tensors.masked_input(tensors.to_tensor([cond["image"]]), tensors.to_tensor([cond["mask"]], "L"))
+    return tensors.to_pngs(x)[0]
+
+
+def candidates_by_condition(art: storage.Artifact, per_condition: Counter[str]) -> Iterator[tuple[str, list[dict]]]:
+    """(condition id, its candidates sorted by id), read a shard at a time; a condition is given once all its
+    `per_condition` candidates are read (generate_candidates writes a condition's candidates together)."""
+    pending: dict[str, list[dict]] = defaultdict(list)
+    for t in art.iter_batches():
+        schema.check_columns(t, schema.CANDIDATES, f"candidates artifact {art.uri}")
+        for c in t.to_pylist():
+            group = pending[c["condition_id"]]
+            group.append(c)
+            if len(group) == per_condition[c["condition_id"]]:
+                yield c["condition_id"], sorted(pending.pop(c["condition_id"]), key=lambda x: x["candidate_id"])
+
+
+class Labelled:
+    """The pairs made so far, without their images, and their images written to table `images` of `out` in shards
+    of IMAGE_SHARD_ROWS as conditions are added."""
+
+    def __init__(self, out):
+        self.out = out
+        self.rows: dict[str, list[dict]] = {}
+        self.flags: dict[str, list[bool]] = {}
+        self.pending: list[dict] = []
+
+    def add(self, cond: dict, made: list[dict]) -> None:
+        """The pairs of one condition, rows with their images (`auto_pairs`, `imported_pairs`)."""
+        if not made:
+            return
+        cid = cond["condition_id"]
+        self.flags[cid] = smoother_flags(made, cond["mask"])
+        pngs = {f"{cid}-context": context_png(cond)} | pair_pngs(made)
+        self.pending += [{"image_id": i, "condition_id": cid, "image": png} for i, png in pngs.items()]
+        self.rows[cid] = [{k: v for k, v in r.items() if k not in ("winner_image", "loser_image")} for r in made]
+        if len(self.pending) >= IMAGE_SHARD_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.out.write_table(schema.table(self.pending, schema.PAIR_IMAGES), "images",
+                                 row_group_rows=image_table.GROUP_ROWS)
+            self.pending = []
+
+    def ordered(self) -> tuple[list[dict], list[bool]]:
+        """All pairs, by condition id, and their smoother_flags."""
+        cids = sorted(self.rows)
+        return [r for c in cids for r in self.rows[c]], [f for c in cids for f in self.flags[c]]
+
+
 def label_preferences(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     lc: LabelsConfig = s.labels
     cond_art, cand_art = ctx.inputs["conditions"], ctx.inputs["candidates"]
-    cond_tbl, cand_tbl = cond_art.read_table(), cand_art.read_table()
-    schema.check_columns(cond_tbl, schema.CONDITIONS, f"conditions artifact {cond_art.uri}")
-    schema.check_columns(cand_tbl, schema.CANDIDATES, f"candidates artifact {cand_art.uri}")
-    conds = {r["condition_id"]: r for r in cond_tbl.to_pylist()}
-    by_cond: dict[str, list[dict]] = defaultdict(list)
-    for c in sorted(cand_tbl.to_pylist(), key=lambda c: c["candidate_id"]):
+    light = cand_art.read_table(columns=["candidate_id", "condition_id"]).to_pylist()
+    per_condition = Counter(c["condition_id"] for c in light)
+    conds = {r["condition_id"]: r for r in read_conditions(cond_art, ids=per_condition)}
+    for c in sorted(light, key=lambda c: c["candidate_id"]):
         if c["condition_id"] not in conds:
             raise ValueError(f"candidate {c['candidate_id']!r} names condition {c['condition_id']!r}, "
                              f"which the conditions artifact {cond_art.uri} does not hold")
-        by_cond[c["condition_id"]].append(c)
 
     out = ctx.outputs["preferences"]
-    counts: Counter[str] = Counter({"conditions": len(by_cond)})
-    rows: list[dict] = []
+    counts: Counter[str] = Counter({"conditions": len(per_condition)})
+    labelled = Labelled(out)
     if lc.kind == "auto":
-        for cid in sorted(by_cond):
+        for cid, cands in candidates_by_condition(cand_art, per_condition):
             if conds[cid]["target"] is None:
                 counts["conditions.no_target"] += 1
                 continue
-            made, c = auto_pairs(conds[cid], by_cond[cid], lc, s.seed)
-            rows.extend(made)
+            made, c = auto_pairs(conds[cid], cands, lc, s.seed)
+            labelled.add(conds[cid], made)
             counts.update(c)
     else:
         try:
             export = json.loads(storage.read_bytes(lc.import_uri))
         except json.JSONDecodeError as e:
             raise ValueError(f"labels.import_uri {lc.import_uri}: not a JSON file: {e}") from None
-        rows, rejected = imported_pairs(export, conds, by_cond, lc)
+        made, rejected = imported_pairs(export, conds, dict(candidates_by_condition(cand_art, per_condition)), lc)
+        by_cond: dict[str, list[dict]] = defaultdict(list)
+        for r in made:
+            by_cond[r["condition_id"]].append(r)
+        for cid, group in by_cond.items():
+            labelled.add(conds[cid], group)
         bad = [{"entry": r.entry, "pair_id": r.pair_id, "reason": r.reason, "detail": r.detail} for r in rejected]
         out.write_table(schema.table(bad, schema.REJECTED_LABELS), "rejected")
         out.write_json("rejected.json", bad)
         counts["rejected"] = len(bad)
         counts.update(f"rejected.{r.reason}" for r in rejected)
+    labelled.flush()
+    rows, flags = labelled.ordered()
     if not rows:
         raise ValueError(f"label_preferences ({lc.kind}) made no pairs: {dict(counts)}")
     for i in range(0, len(rows), SHARD_ROWS):
         out.write_table(schema.table(rows[i : i + SHARD_ROWS], schema.PREFERENCES))
-    health = smoother_wins(rows, {cid: c["mask"] for cid, c in conds.items()})
+    health = smoother_shares(rows, flags)
     for conflict in detail_conflicts(health):
         print(f"label_preferences: warning: {conflict}; the two kinds pull a judge's use of detail "
               "in opposite directions (metrics smoother_wins.*)", flush=True)

@@ -25,6 +25,7 @@ from rich.progress import Progress
 
 from onereward import storage, tracking
 from onereward.config import TASKS, PretrainConfig, Settings
+from onereward.data import schema
 from onereward.data.images import to_png
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
@@ -53,6 +54,8 @@ def read_conditions(art: storage.Artifact, ids: Iterable[str] | None = None, spl
     wanted = None if ids is None else pa.array(sorted(set(ids)), pa.string())
     rows: list[dict] = []
     for t in art.iter_batches(columns=columns):
+        if columns is None:
+            schema.check_columns(t, schema.CONDITIONS, f"conditions artifact {art.uri}")
         keep = pa.array([True] * t.num_rows)
         if split is not None:
             keep = pc.and_(keep, pc.equal(t["split"], split))

@@ -1,8 +1,8 @@
 """train_reward and train_audit_reward: train a VLM judge on labelled pairs, check it on held-out conditions,
 register it.
 
-Inputs: `preferences` (label_preferences: ordered pairs with both images), `conditions` (synthesize_masks: the
-prompt and masked input the judge is shown with each pair).
+Inputs: `preferences` (label_preferences: ordered pairs naming their images, and the images with each condition's
+masked input), `conditions` (synthesize_masks: the prompt the judge is asked with, the mask).
 Output: `reward_model` (train_reward) or `audit_model` (train_audit_reward) — the judge (`judge/`,
 safetensors), `heldout_metrics.json`, `calibration.png`, `registry.json`.
 Config: `seed`, `reward` (`reward.judge` and `reward.audit` say which architecture, split and name, and with
@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,12 +41,14 @@ from rich.progress import Progress
 
 from onereward import tracking
 from onereward.config import JudgeSpec, RewardConfig
+from onereward.data.image_table import ImageTable
 from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.judge import Judge, JudgeShape, Query, Source
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
+from onereward.stages.pretrain_base import read_conditions
 
 
 class JudgeGateFailed(GateFailed):
@@ -57,30 +60,49 @@ def _heldout(condition_id: str, fraction: float, seed: int) -> bool:
     return u < fraction
 
 
-def condition_context(conditions: list[dict]) -> dict[str, tuple[str, bytes]]:
-    """condition_id -> (prompt, masked input PNG): what the judge is shown of each condition."""
-    if not conditions:
-        return {}
-    x = tensors.masked_input(tensors.to_tensor([c["image"] for c in conditions]),
-                           tensors.to_tensor([c["mask"] for c in conditions], "L"))
-    return {c["condition_id"]: (c["prompt"], png) for c, png in zip(conditions, tensors.to_pngs(x), strict=True)}
+@dataclass
+class Pairs:
+    """Labelled pairs as positions in an ImageTable — the winner, the loser and the condition's masked input (what
+    the judge is shown with them) — and their queries' words. Decoded a selection at a time (`tensors`), so a
+    table read lazily holds no pixels between batches. `weight`: the chance of each to be drawn in training."""
 
+    images: ImageTable
+    winner: torch.Tensor
+    loser: torch.Tensor
+    context: torch.Tensor
+    tasks: list[str]
+    criteria: list[str]
+    prompts: list[str]
+    weight: torch.Tensor | None = None
 
-def pair_tensors(rows: list[dict], context: dict[str, tuple[str, bytes]]) -> dict:
-    """Winner and loser images and the query of each pair."""
-    missing = sorted({r["condition_id"] for r in rows} - context.keys())
-    if missing:
-        raise ValueError(f"preferences name conditions not in the conditions input: {missing[:5]}")
-    q = Query([r["task"] for r in rows], [r["criterion"] for r in rows],
-              [context[r["condition_id"]][0] for r in rows],
-              tensors.to_tensor([context[r["condition_id"]][1] for r in rows]))
-    return {"winner": tensors.to_tensor([r["winner_image"] for r in rows]),
-            "loser": tensors.to_tensor([r["loser_image"] for r in rows]), "query": q}
+    @classmethod
+    def of(cls, rows: list[dict], images: ImageTable, prompts: dict[str, str], r: RewardConfig | None = None
+           ) -> Pairs:
+        """The pairs of `rows` (schema.PREFERENCES) over `images`; with `r`, weighted by `reward.kind_share`."""
+        missing = sorted({x["condition_id"] for x in rows} - prompts.keys())
+        if missing:
+            raise ValueError(f"preferences name conditions not in the conditions input: {missing[:5]}")
+        return cls(images, images.positions([x["winner_id"] for x in rows]),
+                   images.positions([x["loser_id"] for x in rows]),
+                   images.positions([f"{x['condition_id']}-context" for x in rows]),
+                   [x["task"] for x in rows], [x["criterion"] for x in rows],
+                   [prompts[x["condition_id"]] for x in rows],
+                   None if r is None else sampling_weights(rows, r.kind_share))
 
+    def __len__(self) -> int:
+        return len(self.tasks)
 
-def training_pairs(rows: list[dict], context: dict[str, tuple[str, bytes]], r: RewardConfig) -> dict:
-    """pair_tensors of the training rows with the weight each is drawn by."""
-    return pair_tensors(rows, context) | {"weight": sampling_weights(rows, r.kind_share)}
+    def __getitem__(self, sel: slice | list[int]) -> Pairs:
+        pick = (lambda v: v[sel]) if isinstance(sel, slice) else (lambda v: [v[i] for i in sel])
+        at = sel if isinstance(sel, slice) else torch.tensor(sel, dtype=torch.long)
+        return Pairs(self.images, self.winner[at], self.loser[at], self.context[at], pick(self.tasks),
+                     pick(self.criteria), pick(self.prompts), None if self.weight is None else self.weight[at])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, Query]:
+        """(winner images, loser images, query with the masked inputs), decoded."""
+        n = len(self)
+        x = self.images.take(torch.cat([self.winner, self.loser, self.context]))
+        return x[:n], x[n : 2 * n], Query(self.tasks, self.criteria, self.prompts, x[2 * n :])
 
 
 def sampling_weights(rows: list[dict], share: dict[str, float]) -> torch.Tensor:
@@ -94,14 +116,14 @@ def sampling_weights(rows: list[dict], share: dict[str, float]) -> torch.Tensor:
     return torch.tensor([share.get(r["kind"], 0.0) / counts[r["kind"]] for r in rows], dtype=torch.double)
 
 
-def draw_batch(train: dict, r: RewardConfig, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Query]:
+def draw_batch(train: Pairs, r: RewardConfig, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, Query]:
     """`r.batch_size` training pairs drawn by their kind's share (winner, loser, query). With `r.augment`
     each pair is turned or mirrored (one of the 8 symmetries of the square, the same for both images and the
     masked input), except the tasks of `r.augment_skip` (a mirrored glyph is not the requested text): on
     `tiny` a judge sees ~1,000 distinct images and otherwise learns them by heart."""
-    idx = torch.multinomial(train["weight"], r.batch_size, replacement=True, generator=rng)
-    q = train["query"][idx.tolist()]
-    winner, loser, context = train["winner"][idx], train["loser"][idx], q.context
+    idx = torch.multinomial(train.weight, r.batch_size, replacement=True, generator=rng)
+    winner, loser, q = train[idx.tolist()].tensors()
+    context = q.context
     if r.augment:
         sym = torch.randint(0, 8, (len(idx),), generator=rng)
         sym[torch.tensor([t in r.augment_skip for t in q.tasks])] = 0
@@ -128,20 +150,19 @@ def both_orders_loss(judge: Judge, winner: torch.Tensor, loser: torch.Tensor, q:
 
 
 @torch.no_grad()
-def score_pairs(judge: Judge, d: dict, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(judge: Judge, pairs: Pairs, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """P(winner better than loser) asked both ways: (P(Yes | winner, loser), P(Yes | loser, winner))."""
     judge.model.eval()
     fwd, rev = [], []
-    for s in range(0, len(d["winner"]), batch):
-        sl = slice(s, s + batch)
-        p_wl, p_lw = judge.p_yes_both_orders(d["winner"][sl], d["loser"][sl], d["query"][sl])
+    for s in range(0, len(pairs), batch):
+        p_wl, p_lw = judge.p_yes_both_orders(*pairs[s : s + batch].tensors())
         fwd.append(p_wl)
         rev.append(p_lw)
     return torch.cat(fwd).cpu().numpy(), torch.cat(rev).cpu().numpy()
 
 
-def evaluate_judge(judge: Judge, rows: list[dict], pairs: dict) -> tuple[dict[str, float], np.ndarray]:
-    """Held-out metrics of `rows` (their pair_tensors: `pairs`), and the judge's order-averaged P(winner better)
+def evaluate_judge(judge: Judge, rows: list[dict], pairs: Pairs) -> tuple[dict[str, float], np.ndarray]:
+    """Held-out metrics of `rows` (as Pairs: `pairs`), and the judge's order-averaged P(winner better)
     of each row."""
     fwd, rev = score_pairs(judge, pairs)
     p_win = (fwd + 1 - rev) / 2
@@ -167,7 +188,7 @@ def evaluate_judge(judge: Judge, rows: list[dict], pairs: dict) -> tuple[dict[st
     return metrics, p_win
 
 
-def smoother_preference(rows: list[dict], p_win: np.ndarray, pairs: dict, masks: dict[str, bytes]
+def smoother_preference(rows: list[dict], p_win: np.ndarray, pairs: Pairs, masks: dict[str, bytes]
                         ) -> dict[str, float]:
     """On the candidate pairs of `rows`: the share whose label picks the image with less in-mask detail, and the
     share where the judge (its P(winner better) `p_win`) does. A judge below the labels learned "detail wins"
@@ -177,7 +198,8 @@ def smoother_preference(rows: list[dict], p_win: np.ndarray, pairs: dict, masks:
     if not idx:
         return {}
     m = tensors.to_tensor([masks[rows[i]["condition_id"]] for i in idx], "L")
-    smoother_won = tensors.detail(pairs["winner"][idx], m) < tensors.detail(pairs["loser"][idx], m)
+    winner, loser, _ = pairs[idx].tensors()
+    smoother_won = tensors.detail(winner, m) < tensors.detail(loser, m)
     judge_agrees = torch.from_numpy(p_win[idx] > 0.5)
     return {"heldout.smoother_label": float(smoother_won.float().mean()),
             "heldout.smoother_pref": float((smoother_won == judge_agrees).float().mean())}
@@ -243,7 +265,7 @@ def _scores(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]], winne
 
 
 def vision_accuracy(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]], rows: list[dict],
-                    pairs: dict, batch: int = 256) -> dict[str, float]:
+                    pairs: Pairs, batch: int = 256) -> dict[str, float]:
     """`warmup.heldout.acc_kind.<kind>` and `warmup.heldout.acc_cand.mean`: how often the warm-up's score alone
     ranks the held-out pairs right, i.e. whether the image features separate a kind at all before the query
     is trained. Cells the training pairs lack have no score and are left out."""
@@ -253,7 +275,7 @@ def vision_accuracy(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]
     with torch.no_grad():
         for s in range(0, len(known), batch):
             idx = known[s : s + batch]
-            win, lose = _scores(judge, head, keys, pairs["winner"][idx], pairs["loser"][idx], pairs["query"][idx])
+            win, lose = _scores(judge, head, keys, *pairs[idx].tensors())
             right.extend((win > lose).tolist())
     kinds: dict[str, list[bool]] = defaultdict(list)
     for i, ok in zip(known, right, strict=True):
@@ -264,8 +286,8 @@ def vision_accuracy(judge: Judge, head: torch.Tensor, keys: list[tuple[str, str]
     return out
 
 
-def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label: str,
-                   held: tuple[list[dict], dict] | None = None, ckpts: Checkpoints | None = None,
+def warm_up_vision(judge: Judge, train: Pairs, r: RewardConfig, seed: int, label: str,
+                   held: tuple[list[dict], Pairs] | None = None, ckpts: Checkpoints | None = None,
                    ck: Checkpoint | None = None, workers: Workers = ONE_PROCESS) -> dict[str, float]:
     """Bradley-Terry on the vision tower alone before the pairwise query is trained: a linear score per
     (task, criterion) over each image's pooled features, pushed winner above loser; the score head is then
@@ -273,14 +295,13 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
     must find the comparison through the language model before any image feature gets a useful gradient); from
     a vision tower that already tells the images apart it learns in a few hundred steps. Returns
     `warmup.bt_loss`, the mean Bradley-Terry loss of the last tenth of the steps, and with `held` (held-out rows
-    and their pair_tensors) the vision_accuracy metrics; {} without a warm-up. With `ckpts` it saves a checkpoint
+    and their Pairs) the vision_accuracy metrics; {} without a warm-up. With `ckpts` it saves a checkpoint
     every `reward.checkpoint_every` steps, and goes on from `ck`, one saved during the warm-up. With several
     `workers` (data parallel) each draws its own batches and their gradients are averaged; the main process alone
     checkpoints and measures `held`."""
     if r.vision_warmup_steps == 0:
         return {}
-    q = train["query"]
-    keys = sorted(set(zip(q.tasks, q.criteria, strict=True)))
+    keys = sorted(set(zip(train.tasks, train.criteria, strict=True)))
     rng = torch.Generator().manual_seed(workers.seed(seed))
     head = (torch.randn(len(keys), judge.shape.text_hidden, generator=rng) / judge.shape.text_hidden**0.5)
     head = workers.from_main(head)  # one head for all: each process's generator drew its own
@@ -326,7 +347,7 @@ def warm_up_vision(judge: Judge, train: dict, r: RewardConfig, seed: int, label:
     return metrics
 
 
-def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: RewardConfig, seed: int,
+def fit_judge(judge: Judge, train: Pairs, held: list[dict], held_pairs: Pairs, r: RewardConfig, seed: int,
               label: str, ckpts: Checkpoints | None = None, ck: Checkpoint | None = None,
               warmup: dict[str, float] | None = None, workers: Workers = ONE_PROCESS) -> None:
     """AdamW on both orders of random training pairs; the held-out accuracy curve every `eval_every` steps. With
@@ -343,7 +364,7 @@ def fit_judge(judge: Judge, train: dict, held: list[dict], held_pairs: dict, r: 
     # the curve on every k-th held-out pair: all 3,600 on `tiny` are ~15 s a point (estimated from the scoring rate)
     every = max(1, -(-len(held) // r.curve_pairs))
     curve_rows = held[::every]
-    curve_pairs = {k: v[::every] for k, v in held_pairs.items()}
+    curve_pairs = held_pairs[::every]
     with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task(label, total=r.steps, completed=start)
         for step in range(start, r.steps):
@@ -386,12 +407,14 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     s, r = ctx.settings, ctx.settings.reward
     spec = getattr(r, role)
     stage = ctx.stage
-    rows = ctx.inputs["preferences"].read_table().to_pylist()
+    prefs = ctx.inputs["preferences"]
+    rows = prefs.read_table().to_pylist()
     if not rows:
-        raise ValueError(f"preferences {ctx.inputs['preferences'].uri}: no labelled pairs to learn from")
-    used = {x["condition_id"] for x in rows}
-    conditions = [c for c in ctx.inputs["conditions"].read_table().to_pylist() if c["condition_id"] in used]
-    context = condition_context(conditions)
+        raise ValueError(f"preferences {prefs.uri}: no labelled pairs to learn from")
+    conditions = read_conditions(ctx.inputs["conditions"], ids={x["condition_id"] for x in rows},
+                                 columns=["condition_id", "prompt", "mask"])
+    prompts = {c["condition_id"]: c["prompt"] for c in conditions}
+    images = ImageTable.read(prefs)
     held = [x for x in rows if _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
     train = [x for x in rows if not _heldout(x["condition_id"], r.heldout_fraction, spec.split_seed)]
     if not held or not train:
@@ -400,7 +423,7 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     ckpts = Checkpoints(ctx, r.checkpoint_every)
     ck = ckpts.resume()
     judge = Judge.load(ck.folder("judge")) if ck else new_judge(
-        spec, cells, sorted({p for p, _ in context.values()}), s.seed)
+        spec, cells, sorted(set(prompts.values())), s.seed)
     if spec.gradient_checkpointing:
         judge.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     workers = ctx.workers
@@ -408,10 +431,11 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
     if workers.main:
         print(f"{stage}: {spec.arch} {what} on {judge.device}, {len(train)} training pairs, {len(held)} held out "
               f"(split {spec.split_seed}), {len(cells)} cells, {r.vision_warmup_steps} vision warm-up steps, then "
-              f"{r.steps} steps of {r.batch_size} pairs (both orders)"
+              f"{r.steps} steps of {r.batch_size} pairs (both orders), {len(images)} images"
+              f"{' read a batch at a time' if images.lazy else ''}"
               + (f" in each of {workers.world} processes" if workers.world > 1 else ""), flush=True)
     t0 = time.perf_counter()
-    train_pairs, held_pairs = training_pairs(train, context, r), pair_tensors(held, context)
+    train_pairs, held_pairs = Pairs.of(train, images, prompts, r), Pairs.of(held, images, prompts)
     in_warmup = ck is not None and ck.progress["phase"] == "warmup"
     if ck and not in_warmup:
         warmup = ck.progress["warmup"]
