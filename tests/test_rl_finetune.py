@@ -196,7 +196,8 @@ def test_resumes_after_sigkill_to_the_unkilled_result(profile, processes, rl_hom
 
 def test_a_run_killed_as_one_process_resumes_as_two(rl_home, tmp_path):
     """A node pool that comes back with more GPUs: the checkpoint of one process is resumed by two (torchrun), the
-    main process going on with its own draws and the new one seeded afresh, to the configured number of steps."""
+    main process going on with its own draws (from its half of the pool now) and the new one seeded afresh, to the
+    configured number of steps."""
     overrides = [*RL, "rl.steps=12", "rl.checkpoint_every=3"]
     _, step = _step(overrides)
     cmd = stage_command("rl_finetune", step.inputs, {"policy": str(tmp_path / "policy")}, [*UPSTREAM, *overrides])
@@ -254,9 +255,9 @@ def test_flux_trains_a_lora_adapter_against_the_judge_on_one_copy_of_the_base(rl
 
 def test_two_processes_train_one_policy_data_parallel(rl_home, tmp_path):
     """`torchrun --standalone --nproc_per_node 2` (what `accelerate launch` starts on a GPU node), gloo on the
-    CPU: both processes train, one MLflow run and one registered version come out. Process 0 draws the rows a
-    single process draws, so the logged gradient norms differ from a single process's only through process 1's
-    gradients averaged in; the stage itself fails if the processes end with different weights."""
+    CPU: both processes train, one MLflow run and one registered version come out. Each process draws from its own
+    half of the train pool, and the gradients are averaged, so the logged gradient norms are not a single process's;
+    the stage itself fails if the processes end with different weights."""
     import mlflow
 
     s, step = _step(RL)

@@ -124,6 +124,16 @@ def validation_rows(conditions: storage.Artifact, per_task: int) -> dict[str, li
     return {t: [full[i] for i in v] for t, v in ids.items()}
 
 
+def train_pool(conditions: storage.Artifact, workers: Workers) -> list[dict]:
+    """This process's share of the train conditions with a target: every `world`-th of each task's (by id), so the
+    processes of a node hold the pool once between them rather than once each (flux: ~1 MB of PNGs a condition),
+    and each draws every task. One process holds them all."""
+    light = load_conditions(conditions, "train", columns=CONDITION_KEYS)
+    mine = [r["condition_id"] for t in TASKS
+            for r in [x for x in light if x["task"] == t][workers.rank :: workers.world]]
+    return load_conditions(conditions, "train", ids=mine)
+
+
 def noise_seeds(seed: int, step: int, n: int, stream: int) -> list[int]:
     """Per-row noise seeds, a function of the step only, so a resumed run draws what the unkilled one drew."""
     return [(seed * 1_000_003 + step * 4099 + stream * 104_729 + i) % 2**31 for i in range(n)]
@@ -400,7 +410,7 @@ def train(s: Settings, ckpts: Checkpoints, policy: MaskedFlowGenerator, base_sta
     validated step. With several `workers` each draws its own rows and noise, and the main process alone
     validates (`val`; the others get None and its verdict), logs and checkpoints."""
     rc = s.rl
-    seed = workers.seed(s.seed)  # the main process draws what a single process does
+    seed = workers.seed(s.seed)  # the main process draws with a single process's seed (from its share: train_pool)
     criteria = _criteria(s)
     ck = ckpts.resume()
     if ck and ck.tensors("policy") is None:  # an older onereward saved the policy as a model folder
@@ -512,7 +522,7 @@ def rl_finetune(ctx: StageContext) -> dict[str, float]:
     if rc.threads:
         torch.set_num_threads(rc.threads)
     conditions = ctx.inputs["conditions"]
-    train_rows = load_conditions(conditions, "train")
+    train_rows = train_pool(conditions, ctx.workers)
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target")
     sets = {t: Conditions.of(r) for t, r in validation_rows(conditions, rc.eval_conditions).items() if r}
