@@ -1,7 +1,7 @@
 """A table of images by id (schema.PAIR_IMAGES) read by position: label_preferences stores each image its pairs name
 once, and a judge's training draws its batches from it.
 
-A table whose decoded pixels fit `DECODE_LIMIT_BYTES` is decoded once (tiny: ~8,800 images of 32 px, ~108 MB). A
+A table whose decoded pixels fit `DECODE_LIMIT_BYTES` is decoded once (tiny: 6,079 images of 32 px, 75 MB). A
 larger one (flux: 20,000 conditions x ~11 images of 512 px would be ~690 GB as float32, counted, not measured) is
 read from the artifact's local Parquet files a row group at a time, only the groups a batch needs, and decoded a
 batch at a time.
