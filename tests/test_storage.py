@@ -185,3 +185,25 @@ def test_an_external_checkpoint_is_downloaded_once_a_listing_and_again_when_it_c
     assert (second / "shards" / "w.safetensors").read_bytes() == b"y" * 1200
     with pytest.raises(FileNotFoundError, match="nothing under that prefix"):
         storage.external_folder(f"s3://{s3_bucket}/models/none")
+
+
+def test_a_download_killed_half_way_is_cleared_by_the_next_one(tmp_path):
+    """SIGKILL runs no cleanup: the half copy it leaves beside the destination (a FLUX checkpoint is ~24 GB on a
+    node's disk) is removed by the next download of that destination, and another destination's is left alone."""
+    dest = tmp_path / "cache" / "ckpt-1"
+    dest.parent.mkdir()
+    killed = dest.parent / ".download-ckpt-1-k1ll3d_x"
+    killed.mkdir()
+    (killed / "w.safetensors").write_bytes(b"half")
+    others = [dest.parent / ".download-ckpt-2-busybusy", dest.parent / ".download-ckpt-1-2-busybusy"]
+    for o in others:
+        o.mkdir()
+
+    def fill(folder):
+        (folder / "w.safetensors").write_bytes(b"whole")
+
+    assert storage.download_once(dest, fill, "s3://b/ckpt") == dest
+    assert (dest / "w.safetensors").read_bytes() == b"whole" and (dest / ".complete").exists()
+    assert not killed.exists() and all(o.exists() for o in others)
+    left = sorted(p.name for p in dest.parent.iterdir())
+    assert left == sorted([".ckpt-1.lock", "ckpt-1", *(o.name for o in others)])

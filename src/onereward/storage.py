@@ -503,7 +503,13 @@ def download_once(dest: Path, fill: Callable[[Path], None], source: str) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
         if marker.exists():
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        # a copy killed half-way (SIGKILL runs no cleanup) is left beside: on a node's disk a FLUX copy is ~24 GB;
+        # this destination's only (mkdtemp's 8 random characters after the prefix), another's may be in progress
+        prefix = f".download-{dest.name}-"
+        for stale in dest.parent.glob(f"{prefix}*"):
+            if len(stale.name) == len(prefix) + 8:
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
         try:
             fill(tmp)
         except BaseException:
