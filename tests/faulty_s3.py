@@ -116,6 +116,7 @@ class FaultyS3Proxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    proxy.stats["bytes_out"] += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle

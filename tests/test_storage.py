@@ -111,6 +111,29 @@ def test_transient_s3_faults_are_retried(s3_server, s3_bucket, home, monkeypatch
     storage.configure(storage.RetryPolicy())
 
 
+def test_a_light_column_is_read_without_the_images_beside_it(s3_server, s3_bucket, home, monkeypatch):
+    """Stages choose rows on light columns (ids, split, task) of tables of PNGs: on S3 only those columns' chunks
+    are fetched, not the shard."""
+    import numpy as np
+
+    uri = f"s3://{s3_bucket}/wide/art"
+    rng = np.random.default_rng(0)
+    with storage.writing(uri, key="k") as w:
+        for j in range(2):
+            w.write_table(pa.table({"id": [f"{j}-{i}" for i in range(8)],
+                                    "image": [rng.bytes(256 << 10) for _ in range(8)]}))
+    shards = sum(storage.list_sizes(uri).values())
+    assert shards > 4 << 20  # incompressible: two shards of 8 x 256 KiB
+    with FaultyS3Proxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        art = storage.Artifact(uri)
+        assert art.read_table(columns=["id"]).column("id").to_pylist() == [f"{j}-{i}" for j in range(2)
+                                                                            for i in range(8)]
+        light = proxy.stats["bytes_out"]
+        assert light < shards / 20, (light, shards)
+        assert art.read_table().num_rows == 16 and proxy.stats["bytes_out"] - light > 4 << 20
+
+
 def test_upload_that_fails_for_good_publishes_nothing(s3_server, s3_bucket, home, monkeypatch):
     uri = f"s3://{s3_bucket}/p/failing"
     with storage.writing(uri, key="good") as w:

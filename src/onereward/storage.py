@@ -228,9 +228,10 @@ def delete_tree(uri: str) -> None:
 
 
 def read_parquet_uri(uri: str, columns: list[str] | None = None) -> pa.Table:
-    if is_s3(uri):  # one GET, retried as a whole
-        return pq.read_table(pa.BufferReader(read_bytes(uri)), columns=columns)
-    return pq.read_table(resolve(uri)[1], columns=columns)
+    """A Parquet file's `columns` (None: all), retried as a whole on a transient fault. Only those columns' chunks
+    are read (ranged GETs on S3): a stage choosing rows on light columns does not fetch a shard's PNGs."""
+    fs, path = resolve(uri)
+    return call(uri, "read", lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
 def artifact_key(stage: str, version: str, params: Any, input_keys: dict[str, str]) -> str:
@@ -294,8 +295,14 @@ class Artifact:
         return shards
 
     def iter_batches(self, name: str = "data", columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Table `name` a shard at a time, only `columns` read (read_parquet_uri)."""
         for s in self._shards(name):
-            yield pq.read_table(pa.BufferReader(self.read_bytes(s)), columns=columns)
+            uri = join(self.root, s)
+            try:
+                table = read_parquet_uri(uri, columns)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"artifact {self.uri}: {uri} is named by the manifest but missing") from None
+            yield table
 
     def read_table(self, name: str = "data", columns: list[str] | None = None) -> pa.Table:
         tables = list(self.iter_batches(name, columns))
