@@ -401,3 +401,18 @@ def test_label_studio_import_keeps_good_rows_and_reports_each_bad_one(home, tmp_
     assert m["rejected"] == len(want) and m["rejected.missing_choice"] == 2 and m["rejected.duplicate_pair"] == 1
     dup = next(r for r in rejected.to_pylist() if r["reason"] == "duplicate_pair")
     assert dup["pair_id"] == good[0]["data"]["pair_id"] and "entry 1" in dup["detail"]
+
+
+@pytest.mark.parametrize("which, drop", [("candidates", "image"), ("candidates", "condition_id"),
+                                         ("conditions", "mask")])
+def test_an_input_of_the_wrong_schema_is_refused_by_column_and_nothing_written(home, tmp_path, which, drop):
+    uris, conditions, cands = _write_inputs(tmp_path)
+    rows, sch = (cands, schema.CANDIDATES) if which == "candidates" else (conditions, schema.CONDITIONS)
+    bad = pa.Table.from_pylist(rows, schema=sch).drop_columns([drop])
+    uris[which] = str(tmp_path / f"bad-{which}")
+    with storage.writing(uris[which], "bad") as w:
+        w.write_table(bad)
+    out = str(tmp_path / "preferences")
+    with pytest.raises(ValueError, match=f"{which} artifact .*: missing column '{drop}'"):
+        execute_stage(STAGE, load_config("tiny"), uris, {"preferences": out})
+    assert not storage.Artifact(out).exists()

@@ -304,6 +304,12 @@ class Artifact:
                 raise FileNotFoundError(f"artifact {self.uri}: {uri} is named by the manifest but missing") from None
             yield table
 
+    def table_schema(self, name: str = "data") -> pa.Schema:
+        """The schema of table `name` (its first shard's footer only)."""
+        uri = join(self.root, self._shards(name)[0])
+        fs, path = resolve(uri)
+        return call(uri, "read", lambda: pq.read_schema(path, filesystem=fs))
+
     def read_table(self, name: str = "data", columns: list[str] | None = None) -> pa.Table:
         tables = list(self.iter_batches(name, columns))
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

@@ -100,11 +100,12 @@ def table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def check_columns(tbl: pa.Table, schema: pa.Schema, what: str) -> None:
-    """Refuse a table whose columns or types differ from the schema, naming the column."""
+def check_columns(tbl: pa.Table | pa.Schema, schema: pa.Schema, what: str) -> None:
+    """Refuse a table (or a table's schema) whose columns or types differ from the schema, naming the column."""
+    have = tbl if isinstance(tbl, pa.Schema) else tbl.schema
     for field in schema:
-        if field.name not in tbl.column_names:
+        if field.name not in have.names:
             raise ValueError(f"{what}: missing column {field.name!r}")
-        got = tbl.schema.field(field.name).type
+        got = have.field(field.name).type
         if got != field.type and not (pa.types.is_large_binary(got) and pa.types.is_binary(field.type)):
             raise ValueError(f"{what}: column {field.name!r} has type {got}, expected {field.type}")

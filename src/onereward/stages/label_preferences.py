@@ -393,6 +393,7 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     lc: LabelsConfig = s.labels
     cond_art, cand_art = ctx.inputs["conditions"], ctx.inputs["candidates"]
+    schema.check_columns(cand_art.table_schema(), schema.CANDIDATES, f"candidates artifact {cand_art.uri}")
     light = cand_art.read_table(columns=["candidate_id", "condition_id"]).to_pylist()
     per_condition = Counter(c["condition_id"] for c in light)
     conds = {r["condition_id"]: r for r in read_conditions(cond_art, ids=per_condition)}
