@@ -416,3 +416,31 @@ def test_an_input_of_the_wrong_schema_is_refused_by_column_and_nothing_written(h
     with pytest.raises(ValueError, match=f"{which} artifact .*: missing column '{drop}'"):
         execute_stage(STAGE, load_config("tiny"), uris, {"preferences": out})
     assert not storage.Artifact(out).exists()
+
+
+def test_export_can_point_at_image_objects_and_take_the_first_conditions(home, tmp_path):
+    """A flux export inline would be terabytes: with --images-uri each image is written once beside and the tasks
+    point at it; --max-conditions exports the first conditions by id. The tasks are the inline export's otherwise."""
+    from onereward.cli import main
+
+    uris, conditions, cands = _write_inputs(tmp_path)
+    inline = _export(tmp_path, uris)
+    images, path = str(tmp_path / "images"), tmp_path / "by-uri.json"
+    assert main(["labels", "export", "--conditions", uris["conditions"], "--candidates", uris["candidates"],
+                 "--out", str(path), "--images-uri", images, "--max-conditions", "2"]) == 0
+    tasks = json.loads(path.read_text())
+    first_two = sorted(c["condition_id"] for c in conditions)[:2]
+    assert {t["data"]["condition_id"] for t in tasks} == set(first_two)
+    pngs = {c["candidate_id"]: c["image"] for c in cands}
+    for t in tasks:
+        d = t["data"]
+        for side in ("1", "2"):
+            assert d[f"image{side}"] == f"{images}/{d[f'candidate{side}']}.png"
+            assert storage.read_bytes(d[f"image{side}"]) == pngs[d[f"candidate{side}"]]
+        assert d["input"] == f"{images}/{d['condition_id']}-input.png" and storage.exists(d["input"])
+    same = [t for t in inline if t["data"]["condition_id"] in first_two]
+    keys = ("image1", "image2", "input")
+    assert [{k: v for k, v in t["data"].items() if k not in keys} for t in tasks] == \
+        [{k: v for k, v in t["data"].items() if k not in keys} for t in same]
+    assert all(base64.b64decode(s["data"]["input"].split(",", 1)[1]) == storage.read_bytes(t["data"]["input"])
+               for s, t in zip(same, tasks, strict=True))

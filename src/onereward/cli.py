@@ -107,16 +107,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_labels_export(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     from onereward import storage
-    from onereward.data.labelstudio import export_tasks
+    from onereward.data.candidates import candidate_counts, candidates_by_condition
+    from onereward.data.labelstudio import condition_tasks, inline
+    from onereward.stages.pretrain_base import read_conditions
 
     settings = load_config(args.config, args.set)
     storage.configure(settings.storage)
-    conditions = storage.Artifact(args.conditions).read_table().to_pylist()
-    candidates = storage.Artifact(args.candidates).read_table().to_pylist()
-    tasks = export_tasks(conditions, candidates, settings.labels.criteria.model_dump(), settings.seed)
-    storage.write_bytes(args.out, json.dumps(tasks).encode())
-    print(f"wrote {len(tasks)} Label Studio tasks (candidate pairs x criteria) to {args.out}")
+    cand_art = storage.Artifact(args.candidates)
+    counts = candidate_counts(cand_art)
+    chosen = sorted(c for c, n in counts.items() if n >= 2)[: args.max_conditions]
+    conds = {r["condition_id"]: r for r in read_conditions(storage.Artifact(args.conditions), ids=chosen)}
+
+    def stored(image_id: str, png: bytes) -> str:
+        uri = storage.join(args.images_uri, f"{image_id}.png")
+        storage.write_bytes(uri, png)
+        return uri
+
+    # a condition at a time, written as it goes: on flux the candidates are 160,000 512 px PNGs
+    n = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "tasks.json"
+        with open(local, "w") as f:
+            f.write("[")
+            for cid, cands in candidates_by_condition(cand_art, counts):
+                if cid not in conds:
+                    continue
+                for task in condition_tasks(conds[cid], cands, settings.labels.criteria.model_dump(), settings.seed,
+                                            stored if args.images_uri else inline):
+                    f.write(("," if n else "") + json.dumps(task))
+                    n += 1
+            f.write("]")
+        storage.upload_file(local, args.out)
+    where = f", images under {args.images_uri}" if args.images_uri else ""
+    print(f"wrote {n} Label Studio tasks (candidate pairs x criteria) of {len(conds)} conditions to {args.out}{where}")
     return 0
 
 
@@ -201,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--conditions", required=True, metavar="URI", help="the conditions artifact")
     ex.add_argument("--candidates", required=True, metavar="URI", help="the candidates artifact")
     ex.add_argument("--out", required=True, metavar="FILE.json", help="local path or s3:// URI")
+    ex.add_argument("--images-uri", metavar="URI", help="write each image once as a PNG under this folder or s3:// "
+                    "prefix and have the tasks point at it (Label Studio with that bucket as source storage); "
+                    "default: images inline as data: URIs")
+    ex.add_argument("--max-conditions", type=int, metavar="N", help="the first N conditions (by id) only")
     ex.add_argument("--config", default="tiny", help="profile name or YAML path (labels.criteria per task)")
     ex.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ex.set_defaults(func=cmd_labels_export)

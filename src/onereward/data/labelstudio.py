@@ -2,7 +2,8 @@
 (`onereward labels export`) and the validation of the JSON export it gives back.
 
 One Label Studio task per (condition, criterion, unordered candidate pair). `data` holds `image1`, `image2`
-and `input` (the masked input) as PNG data: URIs, and `prompt`, `task`, `criterion`, `condition_id`,
+and `input` (the masked input) as PNG data: URIs, or as the addresses of PNG objects written beside
+(`--images-uri`: a flux export inline would be terabytes), and `prompt`, `task`, `criterion`, `condition_id`,
 `candidate1`, `candidate2`, `pair_id`. A labelling config that fits it:
 
     <View>
@@ -23,7 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,31 +65,35 @@ def masked_input_png(image: bytes, mask: bytes) -> bytes:
     return to_png(img)
 
 
-def export_tasks(conditions: list[dict], candidates: list[dict], criteria: Mapping[str, list[str]],
-                 seed: int = 0) -> list[dict]:
-    """Label Studio import tasks for every candidate pair of every condition and criterion of its task."""
-    by_cond: dict[str, list[dict]] = {}
-    for c in sorted(candidates, key=lambda c: c["candidate_id"]):
-        by_cond.setdefault(c["condition_id"], []).append(c)
+def inline(image_id: str, png: bytes) -> str:
+    """A task's image as a data: URI inside the import file."""
+    return data_uri(png)
+
+
+def condition_tasks(cond: dict, cands: list[dict], criteria: Mapping[str, list[str]], seed: int = 0,
+                    ref: Callable[[str, bytes], str] = inline) -> list[dict]:
+    """The Label Studio import tasks of one condition: every pair of its candidates (sorted by id) for every
+    criterion of its task. `ref(image id, PNG)` gives the value a task shows an image by: a data: URI (`inline`),
+    or the address of an object it wrote (`onereward labels export --images-uri`); it is asked once an image."""
+    if len(cands) < 2:
+        return []
+    shown = ref(f"{cond['condition_id']}-input", masked_input_png(cond["image"], cond["mask"]))
+    shown_as = {c["candidate_id"]: ref(c["candidate_id"], c["image"]) for c in cands}
     tasks = []
-    for cond in sorted(conditions, key=lambda r: r["condition_id"]):
-        cands = by_cond.get(cond["condition_id"], [])
-        if len(cands) < 2:
-            continue
-        shown = data_uri(masked_input_png(cond["image"], cond["mask"]))
-        for criterion in criteria.get(cond["task"], []):
-            for i, a in enumerate(cands):
-                for b in cands[i + 1 :]:
-                    pid = pair_id(cond["condition_id"], criterion, a["candidate_id"], b["candidate_id"])
-                    # a fixed left/right order would teach annotators (and the judge) a position habit
-                    swap = int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest(), 16) % 2
-                    first, second = (b, a) if swap else (a, b)
-                    tasks.append({"data": {
-                        "image1": data_uri(first["image"]), "image2": data_uri(second["image"]), "input": shown,
-                        "prompt": cond["prompt"], "task": cond["task"], "criterion": criterion,
-                        "condition_id": cond["condition_id"], "candidate1": first["candidate_id"],
-                        "candidate2": second["candidate_id"], "pair_id": pid}})
+    for criterion in criteria.get(cond["task"], []):
+        for i, a in enumerate(cands):
+            for b in cands[i + 1 :]:
+                pid = pair_id(cond["condition_id"], criterion, a["candidate_id"], b["candidate_id"])
+                # a fixed left/right order would teach annotators (and the judge) a position habit
+                swap = int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest(), 16) % 2
+                first, second = (b, a) if swap else (a, b)
+                tasks.append({"data": {
+                    "image1": shown_as[first["candidate_id"]], "image2": shown_as[second["candidate_id"]],
+                    "input": shown, "prompt": cond["prompt"], "task": cond["task"], "criterion": criterion,
+                    "condition_id": cond["condition_id"], "candidate1": first["candidate_id"],
+                    "candidate2": second["candidate_id"], "pair_id": pid}})
     return tasks
+
 
 
 @dataclass(frozen=True)

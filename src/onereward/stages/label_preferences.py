@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +46,7 @@ from scipy.ndimage import binary_dilation
 from onereward import storage, tracking
 from onereward.config import LabelsConfig
 from onereward.data import image_table, labelstudio, procedural, schema
+from onereward.data.candidates import candidates_by_condition
 from onereward.models import tensors
 from onereward.models.tensors import _masked_mse
 from onereward.stages import StageContext
@@ -340,19 +341,6 @@ def context_png(cond: dict) -> bytes:
     """What the judge is shown of a condition beside the two images: its masked input."""
     x = tensors.masked_input(tensors.to_tensor([cond["image"]]), tensors.to_tensor([cond["mask"]], "L"))
     return tensors.to_pngs(x)[0]
-
-
-def candidates_by_condition(art: storage.Artifact, per_condition: Counter[str]) -> Iterator[tuple[str, list[dict]]]:
-    """(condition id, its candidates sorted by id), read a shard at a time; a condition is given once all its
-    `per_condition` candidates are read (generate_candidates writes a condition's candidates together)."""
-    pending: dict[str, list[dict]] = defaultdict(list)
-    for t in art.iter_batches():
-        schema.check_columns(t, schema.CANDIDATES, f"candidates artifact {art.uri}")
-        for c in t.to_pylist():
-            group = pending[c["condition_id"]]
-            group.append(c)
-            if len(group) == per_condition[c["condition_id"]]:
-                yield c["condition_id"], sorted(pending.pop(c["condition_id"]), key=lambda x: x["candidate_id"])
 
 
 class Labelled:
