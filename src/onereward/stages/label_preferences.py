@@ -7,7 +7,7 @@ Output: `preferences` — table `data` (schema.PREFERENCES: the pairs, naming th
 row groups for readers that fetch a batch at a time), `report.json` (pairs and mean margin per task, criterion and
 kind); with `labels.kind: import` also table `rejected` (schema.REJECTED_LABELS) and `rejected.json`, naming every
 export entry that was not kept. The candidates are read a shard at a time and labelled a condition at a time;
-memory holds the pairs without their images, one shard's candidates and the conditions that have candidates.
+memory holds the pairs without their images, one shard's candidates and the conditions it labels.
 Config: `seed`, `labels`.
 Metrics: `pairs`, `pairs.<kind>`, `pairs.<task>.<criterion>.<kind>`, `margin.<task>.<criterion>.<kind>`,
 `below_margin.<kind>`, `flipped`, `conditions`, `conditions.no_target`, `rejected`, `rejected.<reason>`,
@@ -299,27 +299,22 @@ def auto_pairs(cond: dict, cands: list[dict], lc: LabelsConfig, seed: int) -> tu
     return rows, counts
 
 
-def imported_pairs(export: object, conds: dict[str, dict], by_cond: dict[str, list[dict]], lc: LabelsConfig
-                   ) -> tuple[list[dict], list[labelstudio.Rejected]]:
-    """Rows of schema.PREFERENCES from a Label Studio export; the entries that fail validation, each by id."""
-    criteria = lc.criteria.model_dump()
-    known = {cid: (c["task"], {x["candidate_id"] for x in by_cond.get(cid, [])}) for cid, c in conds.items()}
-    judged, rejected = labelstudio.parse_export(export, known, criteria)
-    pngs = {x["candidate_id"]: x["image"] for cands in by_cond.values() for x in cands}
-    grounds: dict[str, Ground] = {}
+def imported_pairs(judged: list[labelstudio.Judgement], cond: dict, cands: list[dict]) -> list[dict]:
+    """Rows of schema.PREFERENCES (with their images) of one condition's imported labels (`parse_export`), with
+    the ground-truth margin where the condition has a target."""
+    pngs = {x["candidate_id"]: x["image"] for x in cands}
+    g = Ground.of(cond) if cond["target"] is not None else None
     rows = []
     for j in judged:
-        cond = conds[j.condition_id]
         margin = float("nan")
-        if cond["target"] is not None:
-            g = grounds.setdefault(j.condition_id, Ground.of(cond))
+        if g is not None:
             m = MEASURES[j.criterion](tensors.to_tensor([pngs[j.winner_id], pngs[j.loser_id]]), g).tolist()
             margin = m[1] - m[0]
         rows.append({"pair_id": j.pair_id, "condition_id": j.condition_id, "task": cond["task"],
                      "criterion": j.criterion, "kind": "cand_vs_cand", "winner_id": j.winner_id,
                      "loser_id": j.loser_id, "winner_image": pngs[j.winner_id], "loser_image": pngs[j.loser_id],
                      "labeller": "import", "confidence": j.confidence, "margin": margin, "split": cond["split"]})
-    return rows, rejected
+    return rows
 
 
 def report(rows: list[dict], counts: Counter[str]) -> dict:
@@ -382,18 +377,21 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
     lc: LabelsConfig = s.labels
     cond_art, cand_art = ctx.inputs["conditions"], ctx.inputs["candidates"]
     schema.check_columns(cand_art.table_schema(), schema.CANDIDATES, f"candidates artifact {cand_art.uri}")
+    schema.check_columns(cond_art.table_schema(), schema.CONDITIONS, f"conditions artifact {cond_art.uri}")
     light = cand_art.read_table(columns=["candidate_id", "condition_id"]).to_pylist()
     per_condition = Counter(c["condition_id"] for c in light)
-    conds = {r["condition_id"]: r for r in read_conditions(cond_art, ids=per_condition)}
+    known = {c["condition_id"]: (c["task"], set()) for c in read_conditions(cond_art, columns=["condition_id", "task"])}
     for c in sorted(light, key=lambda c: c["candidate_id"]):
-        if c["condition_id"] not in conds:
+        if c["condition_id"] not in known:
             raise ValueError(f"candidate {c['candidate_id']!r} names condition {c['condition_id']!r}, "
                              f"which the conditions artifact {cond_art.uri} does not hold")
+        known[c["condition_id"]][1].add(c["candidate_id"])
 
     out = ctx.outputs["preferences"]
     counts: Counter[str] = Counter({"conditions": len(per_condition)})
     labelled = Labelled(out)
     if lc.kind == "auto":
+        conds = {r["condition_id"]: r for r in read_conditions(cond_art, ids=per_condition)}
         for cid, cands in candidates_by_condition(cand_art, per_condition):
             if conds[cid]["target"] is None:
                 counts["conditions.no_target"] += 1
@@ -406,12 +404,14 @@ def label_preferences(ctx: StageContext) -> dict[str, float]:
             export = json.loads(storage.read_bytes(lc.import_uri))
         except json.JSONDecodeError as e:
             raise ValueError(f"labels.import_uri {lc.import_uri}: not a JSON file: {e}") from None
-        made, rejected = imported_pairs(export, conds, dict(candidates_by_condition(cand_art, per_condition)), lc)
-        by_cond: dict[str, list[dict]] = defaultdict(list)
-        for r in made:
-            by_cond[r["condition_id"]].append(r)
-        for cid, group in by_cond.items():
-            labelled.add(conds[cid], group)
+        judged, rejected = labelstudio.parse_export(export, known, lc.criteria.model_dump())
+        by_cond: dict[str, list[labelstudio.Judgement]] = defaultdict(list)
+        for j in judged:
+            by_cond[j.condition_id].append(j)
+        conds = {r["condition_id"]: r for r in read_conditions(cond_art, ids=by_cond)}
+        for cid, cands in candidates_by_condition(cand_art, per_condition):
+            if cid in by_cond:
+                labelled.add(conds[cid], imported_pairs(by_cond[cid], conds[cid], cands))
         bad = [{"entry": r.entry, "pair_id": r.pair_id, "reason": r.reason, "detail": r.detail} for r in rejected]
         out.write_table(schema.table(bad, schema.REJECTED_LABELS), "rejected")
         out.write_json("rejected.json", bad)
