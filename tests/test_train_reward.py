@@ -328,6 +328,19 @@ def test_two_processes_train_one_judge_data_parallel(home, tmp_path):
     weights = [load_file(storage.Artifact(u).local_dir() / "judge" / "model" / "model.safetensors")
                for u in (out, single)]
     assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])
+    # the two processes scored half the held-out pairs each: what one process scores with their judge
+    from onereward.data.image_table import ImageTable
+    from onereward.models.judge import Judge
+    from onereward.stages.train_reward import Pairs, _heldout, evaluate_judge
+
+    r = load_config("tiny", overrides).reward
+    held = [x for x in storage.Artifact(prefs).read_table().to_pylist()
+            if _heldout(x["condition_id"], r.heldout_fraction, r.judge.split_seed)]
+    prompts = {c["condition_id"]: c["prompt"] for c in storage.Artifact(conds).read_table().to_pylist()}
+    judge = Judge.load(dp.local_dir() / "judge")
+    alone, _ = evaluate_judge(judge, held, Pairs.of(held, ImageTable.read(storage.Artifact(prefs)), prompts))
+    got = dp.read_json("heldout_metrics.json")
+    assert alone.keys() <= got.keys() and alone == pytest.approx({k: got[k] for k in alone}, abs=1e-6)
 
     killed = str(tmp_path / "killed" / "judge")
     at, _ = kill_after_checkpoint(command(killed), env, f"{killed}.scratch/checkpoint", at_least=8)  # pairwise

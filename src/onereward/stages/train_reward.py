@@ -150,21 +150,30 @@ def both_orders_loss(judge: Judge, winner: torch.Tensor, loser: torch.Tensor, q:
 
 
 @torch.no_grad()
-def score_pairs(judge: Judge, pairs: Pairs, batch: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """P(winner better than loser) asked both ways: (P(Yes | winner, loser), P(Yes | loser, winner))."""
+def score_pairs(judge: Judge, pairs: Pairs, batch: int = 128, workers: Workers = ONE_PROCESS
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """P(winner better than loser) asked both ways: (P(Yes | winner, loser), P(Yes | loser, winner)). With several
+    `workers` (the same judge in each) each scores every world-th pair and every process gets all of them."""
     judge.model.eval()
-    fwd, rev = [], []
-    for s in range(0, len(pairs), batch):
-        p_wl, p_lw = judge.p_yes_both_orders(*pairs[s : s + batch].tensors())
-        fwd.append(p_wl)
-        rev.append(p_lw)
-    return torch.cat(fwd).cpu().numpy(), torch.cat(rev).cpu().numpy()
+    mine = pairs[workers.rank :: workers.world]
+    fwd, rev = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
+    for s in range(0, len(mine), batch):
+        p_wl, p_lw = judge.p_yes_both_orders(*mine[s : s + batch].tensors())
+        fwd.append(p_wl.float().cpu().numpy())
+        rev.append(p_lw.float().cpu().numpy())
+    if workers.world == 1:
+        return np.concatenate(fwd), np.concatenate(rev)
+    out = np.zeros((2, len(pairs)), np.float32)
+    for rank, (f, r) in enumerate(workers.gather((np.concatenate(fwd), np.concatenate(rev)))):
+        out[0, rank :: workers.world], out[1, rank :: workers.world] = f, r
+    return out[0], out[1]
 
 
-def evaluate_judge(judge: Judge, rows: list[dict], pairs: Pairs) -> tuple[dict[str, float], np.ndarray]:
+def evaluate_judge(judge: Judge, rows: list[dict], pairs: Pairs, workers: Workers = ONE_PROCESS
+                   ) -> tuple[dict[str, float], np.ndarray]:
     """Held-out metrics of `rows` (as Pairs: `pairs`), and the judge's order-averaged P(winner better)
-    of each row."""
-    fwd, rev = score_pairs(judge, pairs)
+    of each row; with several `workers` they share the scoring (score_pairs)."""
+    fwd, rev = score_pairs(judge, pairs, workers=workers)
     p_win = (fwd + 1 - rev) / 2
     correct = p_win > 0.5
     metrics: dict[str, float] = {"heldout.pairs": float(len(rows)), "heldout.acc.mean": float(correct.mean()),
@@ -445,9 +454,9 @@ def train_judge(ctx: StageContext, role: str) -> dict[str, float]:
               workers)
     if workers.world > 1 and len(set(workers.gather(judge.weights_digest()))) > 1:
         raise RuntimeError(f"{stage}: the data-parallel processes ended with different weights")
+    metrics, p_win = evaluate_judge(judge, held, held_pairs, workers)  # scored by all: on flux ~10^4 pairs x 2
     if not workers.main:  # the main process measures, gates, writes and registers
         return {}
-    metrics, p_win = evaluate_judge(judge, held, held_pairs)
     metrics |= smoother_preference(held, p_win, held_pairs, {c["condition_id"]: c["mask"] for c in conditions})
     metrics["train_seconds"] = time.perf_counter() - t0
     metrics |= warmup
