@@ -54,11 +54,10 @@ class ImageTable:
         ids: list[str] = []
         where = []
         for f, path in enumerate(files):
-            meta = pq.ParquetFile(path)
-            for g in range(meta.num_row_groups):
-                got = meta.read_row_group(g, columns=["image_id"]).column(0).to_pylist()
-                ids += got
-                where += [(f, g, i) for i in range(len(got))]
+            shard = pq.ParquetFile(path)
+            ids += shard.read(columns=["image_id"]).column(0).to_pylist()
+            for g in range(shard.num_row_groups):
+                where += [(f, g, i) for i in range(shard.metadata.row_group(g).num_rows)]
         if not ids:
             raise ValueError(f"artifact {art.uri}: table {name!r} holds no images")
         table = cls(ids, files=files, where=np.asarray(where, dtype=np.int64))
