@@ -79,6 +79,27 @@ def test_a_data_parallel_stage_on_several_gpus_runs_one_process_per_gpu(tmp_path
             build_dag(mode="kubernetes", config="flux", overrides=[f"resources.gpus={gpus}"], dag_id="bad")
 
 
+def test_a_stage_deadline_from_the_config_reaches_its_kfp_task_and_airflow_task(tmp_path, kubeconfig):
+    """`resources.timeouts` (stage -> seconds): a hung data-parallel process would otherwise hold its GPU node
+    until someone looks. The stage named gets the deadline on both orchestrators, the others none; an unknown
+    stage is refused by name."""
+    from datetime import timedelta
+
+    from onereward.orchestration.airflow_dag import build_dag
+
+    two_hours = ["resources.timeouts={rl_finetune: 7200}"]
+    _, platform = _compile(tmp_path, overrides=two_hours)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {name for name, ex in k8s.items() if "activeDeadlineSeconds" in ex} == {"exec-rl-finetune"}
+    assert int(k8s["exec-rl-finetune"]["activeDeadlineSeconds"]) == 7200
+    for mode in ("kubernetes", "local"):
+        dag = build_dag(mode=mode, config="flux", overrides=two_hours, dag_id=f"deadline_{mode}")
+        assert {t.task_id: t.execution_timeout for t in dag.tasks if t.execution_timeout} == \
+            {"rl_finetune": timedelta(hours=2)}, mode
+    with pytest.raises(ConfigError, match="resources.timeouts.judge: unknown stage 'judge'"):
+        build_dag(mode="kubernetes", config="flux", overrides=["resources.timeouts={judge: 60}"], dag_id="bad")
+
+
 def test_kfp_caching_is_off_exactly_for_fingerprinted_stages_and_retries_follow_the_graph(tmp_path):
     spec, _ = _compile(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]

@@ -403,6 +403,11 @@ class Resources(Strict):
     # cached result is reused whatever the count, and a killed run resumes with another (the new processes draw
     # afresh). The local runner runs each stage as one process.
     gpus: dict[str, PositiveInt] = Field(default_factory=dict)
+    # Seconds a stage's KFP task / Airflow task may run (stage name -> seconds) before it is failed and retried by
+    # its retry policy: a data-parallel process that hangs (a collective that never returns, a part never kept)
+    # otherwise holds its node until someone looks. Not in any key; the local runner sets none. None by default:
+    # no stage has been timed at real size.
+    timeouts: dict[str, PositiveInt] = Field(default_factory=dict)
 
 
 class StorageConfig(Strict):

@@ -23,6 +23,7 @@ class Resources:
     memory: str = "4Gi"
     gpu: int = 0
     shm: str | None = None  # size of /dev/shm for data loaders on GPU nodes
+    timeout_s: int | None = None  # the pod's deadline (config resources.timeouts); None: none
 
     @property
     def node_pool(self) -> Literal["gpu", "cpu"]:
@@ -122,15 +123,19 @@ class Graph:
     def with_stage(self, stage: Stage) -> Graph:
         return replace(self, stages=(*self.stages, stage))
 
-    def with_gpus(self, gpus: dict[str, int]) -> Graph:
-        """The graph with the GPU counts of `gpus` (config `resources.gpus`: stage name -> GPUs of its pod).
-        Only a stage that runs on a GPU may get one, and more than one only a data-parallel stage, which runs a
-        process per GPU; any other would leave the rest idle."""
+    def with_resources(self, gpus: dict[str, int], timeouts: dict[str, int]) -> Graph:
+        """The graph with the GPU counts of `gpus` (config `resources.gpus`: stage name -> GPUs of its pod) and the
+        deadlines of `timeouts` (`resources.timeouts`: stage name -> seconds). Only a stage that runs on a GPU may
+        get one, and more than one only a data-parallel stage, which runs a process per GPU; any other would leave
+        the rest idle."""
         from onereward.config import ConfigError
 
+        for field_name, names in (("gpus", gpus), ("timeouts", timeouts)):
+            for name in names:
+                if name not in self.names:
+                    raise ConfigError(f"resources.{field_name}.{name}: unknown stage {name!r}; stages: "
+                                      f"{', '.join(self.names)}")
         for name, n in gpus.items():
-            if name not in self.names:
-                raise ConfigError(f"resources.gpus.{name}: unknown stage {name!r}; stages: {', '.join(self.names)}")
             stage = self.get(name)
             if not stage.resources.gpu:
                 raise ConfigError(f"resources.gpus.{name}: stage {name!r} runs on the CPU node pool")
@@ -139,7 +144,8 @@ class Graph:
                                  f"of {n} GPUs; only data-parallel stages "
                                  f"({', '.join(s.name for s in self.stages if s.data_parallel)}) take more")
         return replace(self, stages=tuple(
-            replace(s, resources=replace(s.resources, gpu=gpus[s.name])) if s.name in gpus else s
+            replace(s, resources=replace(s.resources, gpu=gpus.get(s.name, s.resources.gpu),
+                                         timeout_s=timeouts.get(s.name, s.resources.timeout_s)))
             for s in self.stages))
 
 

@@ -310,7 +310,8 @@ def run_pipeline(
         graph.get(until)
     for f in force:
         graph.get(f)
-    graph.with_gpus(settings.resources.gpus)  # refuses a count the orchestrators could not honour, here too
+    # refuses a count or a stage the orchestrators could not honour, here too
+    graph.with_resources(settings.resources.gpus, settings.resources.timeouts)
     many = {k: n for k, n in settings.resources.gpus.items() if n > 1}
     if many:
         console.print(f"resources.gpus {many}: KFP and Airflow run those stages as a process per GPU; this runner "

@@ -35,6 +35,10 @@ def retry_args(policy: RetryPolicy) -> dict[str, Any]:
             "max_retry_delay": timedelta(seconds=policy.max_backoff_seconds)}
 
 
+def timeout_args(resources: Resources) -> dict[str, Any]:
+    return {"execution_timeout": timedelta(seconds=resources.timeout_s)} if resources.timeout_s else {}
+
+
 def _root_override(settings: Settings) -> str:
     """`artifact_root=` the Airflow Variable when set, else the profile's (an empty value means the default)."""
     default = json.dumps(settings.artifact_root or "")
@@ -114,6 +118,7 @@ def _pod_operator(task_id: str, args: list[str], resources: Resources, retry: Re
         get_logs=True,
         on_finish_action="delete_succeeded_pod",
         **retry_args(retry),
+        **timeout_args(resources),
     )
 
 
@@ -141,7 +146,7 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
     gpu_image = os.environ.get("ONEREWARD_GPU_IMAGE", "ghcr.io/onereward/onereward:0.1.0-gpu")
     namespace = os.environ.get("ONEREWARD_NAMESPACE", "onereward")
     settings = load_config(config, overrides)  # parsed once; pydantic + YAML only, no network
-    graph = graph.with_gpus(settings.resources.gpus)
+    graph = graph.with_resources(settings.resources.gpus, settings.resources.timeouts)
     root_override = _root_override(settings)
     dag = DAG(
         dag_id=dag_id,
@@ -170,7 +175,7 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
                                    cmds=tuple(contract.entrypoint(s)))
             else:
                 op = PythonOperator(task_id=s.name, python_callable=_stage_callable(s.name, config, overrides),
-                                    **retry_args(s.retry))
+                                    **retry_args(s.retry), **timeout_args(s.resources))
             plan >> op
             for u in graph.upstream(s):
                 tasks[u.name] >> op

@@ -73,7 +73,7 @@ def build_pipeline(graph: Graph = GRAPH, settings: Settings | None = None, *, im
     from kfp import kubernetes as k8s
 
     res = settings.resources if settings else Settings().resources
-    graph = graph.with_gpus(res.gpus)
+    graph = graph.with_resources(res.gpus, res.timeouts)
     if local:
         comps = python_components(graph)
     else:
@@ -98,6 +98,8 @@ def build_pipeline(graph: Graph = GRAPH, settings: Settings | None = None, *, im
             task.set_caching_options(enable_caching=s.fingerprint is None)
             task.set_cpu_request(s.resources.cpu).set_memory_request(s.resources.memory)
             task.set_memory_limit(s.resources.memory)
+            if s.resources.timeout_s:
+                k8s.set_timeout(task, s.resources.timeout_s)
             k8s.use_secret_as_env(task, contract.S3_SECRET, {k: k for k in contract.S3_SECRET_KEYS})
             k8s.use_secret_as_env(task, contract.MLFLOW_CLIENT_SECRET,
                                   {k: k for k in contract.MLFLOW_CLIENT_SECRET_KEYS}, optional=True)
