@@ -75,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    from onereward import distributed
     from onereward.pipeline import GRAPH
     from onereward.runner import execute_stage
 
@@ -82,8 +83,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     stage = GRAPH.get(args.name)
     outcome = execute_stage(stage, settings, _pairs(args.inputs, "--in"), _pairs(args.outputs, "--out"),
                             force=args.force)
-    print(json.dumps({"stage": outcome.stage, "status": outcome.status, "key": outcome.key,
-                      "outputs": outcome.outputs, "metrics": outcome.metrics}))
+    line = json.dumps({"stage": outcome.stage, "status": outcome.status, "key": outcome.key,
+                       "outputs": outcome.outputs, "metrics": outcome.metrics})
+    # Processes of a data-parallel run share one log: the others say theirs once the main process has said all
+    # (a worker's line written while the main process printed its metrics landed inside one of its lines)
+    workers = distributed.workers()
+    if workers.main:
+        print(line, flush=True)
+    workers.barrier()
+    if not workers.main:
+        print(line, flush=True)
     for path, obj in ((args.metrics_file, outcome.metrics), (args.outputs_file, outcome.outputs)):
         if path:  # orchestrators read small results from files (e.g. /airflow/xcom/return.json)
             _write_json(path, obj)

@@ -60,6 +60,10 @@ class Workers:
         dist.all_gather_object(out, obj)
         return out
 
+    def barrier(self) -> None:
+        """Returns once every process has called it."""
+        self.gather(None)
+
     def seed(self, seed: int) -> int:
         """This process's seed for its draws: the main process draws what a single process does."""
         return seed + RANK_SEED * self.rank
