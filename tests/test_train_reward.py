@@ -41,7 +41,7 @@ def _png(level: float, rng: np.random.Generator) -> bytes:
 def _preferences(uri: str, conditions_uri: str, conditions: int, seed: int = 0) -> None:
     """Preferences as label_preferences writes them: the pairs, and their images and each condition's masked
     input in table "images" (in two shards of small row groups, as a large table is)."""
-    from onereward.stages.label_preferences import context_png
+    from onereward.data.labelstudio import masked_input_png
 
     rng = np.random.default_rng(seed)
     rows, conds, images = [], [], []
@@ -50,7 +50,8 @@ def _preferences(uri: str, conditions_uri: str, conditions: int, seed: int = 0) 
         conds.append({"condition_id": f"c{c}", "image_id": f"i{c}", "task": task, "image": _png(0.5, rng),
                       "mask": _mask(), "prompt": "fill red" if task == "fill" else "remove red circle",
                       "target": None, "mask_coverage": 0.25, "split": "train", "params": "{}"})
-        images.append({"image_id": f"c{c}-context", "condition_id": f"c{c}", "image": context_png(conds[-1])})
+        shown = masked_input_png(conds[-1]["image"], conds[-1]["mask"])
+        images.append({"image_id": f"c{c}-context", "condition_id": f"c{c}", "image": shown})
         for k in range(3):
             hi, lo = rng.uniform(0.6, 0.9), rng.uniform(0.1, 0.4)
             rows.append({"pair_id": f"c{c}-{k}", "condition_id": f"c{c}", "task": task, "criterion": TASKS[task],

@@ -332,12 +332,6 @@ def report(rows: list[dict], counts: Counter[str]) -> dict:
             "mean_margin": margins, **dict(sorted(counts.items()))}
 
 
-def context_png(cond: dict) -> bytes:
-    """What the judge is shown of a condition beside the two images: its masked input."""
-    x = tensors.masked_input(tensors.to_tensor([cond["image"]]), tensors.to_tensor([cond["mask"]], "L"))
-    return tensors.to_pngs(x)[0]
-
-
 class Labelled:
     """The pairs made so far, without their images, and their images written to table `images` of `out` in shards
     of IMAGE_SHARD_ROWS as conditions are added."""
@@ -354,7 +348,8 @@ class Labelled:
             return
         cid = cond["condition_id"]
         self.flags[cid] = smoother_flags(made, cond["mask"])
-        pngs = {f"{cid}-context": context_png(cond)} | pair_pngs(made)
+        # what the judge is shown of the condition beside the two images, as annotators are shown it
+        pngs = {f"{cid}-context": labelstudio.masked_input_png(cond["image"], cond["mask"])} | pair_pngs(made)
         self.pending += [{"image_id": i, "condition_id": cid, "image": png} for i, png in pngs.items()]
         self.rows[cid] = [{k: v for k, v in r.items() if k not in ("winner_image", "loser_image")} for r in made]
         if len(self.pending) >= IMAGE_SHARD_ROWS:
