@@ -22,7 +22,7 @@ from sizes import DISTILL, EVALUATE, RL, UPSTREAM
 from onereward import storage
 from onereward.config import GateConfig, load_config
 from onereward.runner import execute_stage, plan, run_pipeline
-from onereward.stages.evaluate import GatesRefused, gates, quality_ratio
+from onereward.stages.evaluate import GatesRefused, gates, quality_ratio, rise_intervals
 from onereward.stages.promote import CHAMPION, alias_version
 
 NAME = "onereward-generator"
@@ -93,6 +93,39 @@ def test_gates_pass_within_tolerance_and_name_every_failure():
     assert "fill: audit win rate vs champion 0.50, lower bound 0.30" in vs_champion.reasons[0]
     strict = gates(GateConfig(), within, base, "base", audit, 0.97)  # the default asks it against the base too
     assert not strict.passed
+    # a task's own tolerance in place of the common one; the rise's interval is reported beside it
+    by_task = GateConfig(win_rate_vs_base=False, max_measure_rise_by_task={"removal": 0.15})
+    rises = {"removal": {"measure": (0.02, 0.24), "mse_mask": (-0.1, 0.05)}}
+    loose = gates(by_task, {"fill": within["fill"], "removal": worse["removal"]}, base, "base", audit, 0.97, rises)
+    assert loose.passed, loose.reasons
+    assert "ok: removal: measure 0.2200 vs base 0.2000 (+10.0%, 95 % interval +2.0% to +24.0%; tolerance +15%)" in (
+        loose.reasons), loose.reasons
+    too_far = {"fill": _gt(29.6, 0.041, 0.106), "removal": _gt(32.0, 0.03, 0.232)}  # removal +16 %, fill +6 %
+    refused = [r for r in gates(by_task, too_far, base, "base", audit, 0.97, rises).reasons if r.startswith("FAILED")]
+    assert len(refused) == 2 and "fill: measure" in refused[0] and "tolerance +5%" in refused[0], refused
+    assert "removal: measure" in refused[1] and "tolerance +15%" in refused[1], refused
+
+
+def test_rise_intervals_resample_the_two_models_images_of_a_condition_together():
+    import numpy as np
+
+    from onereward.data.images import to_png
+    from onereward.stages.rl_finetune import Conditions, ground_truth
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    cond = Conditions.of([{"image": to_png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "mask": to_png(mask),
+                           "target": to_png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "task": "removal",
+                           "prompt": "remove red circle"} for _ in range(12)])
+    g = torch.Generator().manual_seed(0)
+    incumbent = cond.batch["targets"] + 0.3 * torch.randn(12, 3, 16, 16, generator=g)
+    same = rise_intervals(incumbent, incumbent, cond, "removal", 200, 0)
+    assert same["mse_mask"] == (0.0, 0.0) and same["measure"] == (0.0, 0.0)
+    worse = incumbent + 0.3 * torch.randn(12, 3, 16, 16, generator=g)
+    iv = rise_intervals(worse, incumbent, cond, "removal", 500, 0)["mse_mask"]
+    point = ground_truth(worse, cond, "removal")["mse_mask"] / ground_truth(incumbent, cond, "removal")["mse_mask"] - 1
+    assert 0 < iv[0] < point < iv[1], (iv, point)
 
 
 def test_quality_ratio_by_ground_truth_and_by_audit():

@@ -371,6 +371,8 @@ class GateConfig(Strict):
     max_bg_psnr_drop: float = Field(0.5, ge=0)  # dB, per task, outside the mask
     max_mask_error_rise: float = Field(0.05, ge=0)  # relative, per task
     max_measure_rise: float = Field(0.05, ge=0)  # relative, per task, the task's own measure
+    # per task, in place of max_measure_rise for the tasks it names
+    max_measure_rise_by_task: dict[Task, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     min_student_quality: float = Field(0.95, ge=0)  # student vs teacher at its step count
     # what the student's quality ratio is made of: the teacher/student ratio of the ground-truth measures, and
     # the student's audit win rate vs the base over the teacher's; the gate takes the lower

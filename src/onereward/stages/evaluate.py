@@ -12,7 +12,9 @@ Config: `seed`, `image_size`, `generator`, `labels`, `distill`, `evaluate`, `tra
 Metrics: `<model>.heldout.<task>.{bg_psnr,bg_ssim,mse_mask,measure}` for base, teacher, student (also
 student_<k> for every distilled step count) and champion; `<model>.<judge>.<task>.{win_rate,win_rate_low,
 win_rate_high,good,same,bad}` vs the champion (vs the base when there is none), judge in audit | reward;
-`<model>.latency_s` (one image); `student.quality_ratio`, `student.speed_ratio`; `gate.passed`.
+`<model>.latency_s` (one image); `student.quality_ratio`, `student.speed_ratio`; `gate.passed`;
+`gate.<task>.{mse_mask,measure}.rise` with `.rise_low`, `.rise_high` (the student's relative rise over the incumbent
+and its 95 % paired bootstrap interval).
 
 Each model samples the same held-out conditions from the same noise at its own setting: base and teacher with
 the teacher's steps and CFG, the student and the champion with their registered step counts and no CFG. Models
@@ -46,6 +48,7 @@ from onereward.stages.rl_finetune import (
     _criteria,
     _load_judge,
     bootstrap_interval,
+    ground_truth_per_image,
     pairwise_p,
     sample_grid,
     sample_rows,
@@ -124,9 +127,25 @@ def quality_ratio(student: dict[str, dict[str, float]], teacher: dict[str, dict[
     return {"ground_truth": gt, "audit": float(np.mean(student_wr)) / max(float(np.mean(teacher_wr)), 1e-8)}
 
 
+def rise_intervals(challenger: torch.Tensor, incumbent: torch.Tensor, cond: Conditions, task: str, n: int,
+                   seed: int) -> dict[str, tuple[float, float]]:
+    """95 % bootstrap interval of the challenger's relative rise over the incumbent in in-mask error and the task's
+    measure, the two models' images of a condition (same noise) resampled together."""
+    a, b = (ground_truth_per_image(x, cond, task) for x in (challenger, incumbent))
+    idx = np.random.default_rng(seed).integers(0, len(cond.rows), (n, len(cond.rows)))
+    out = {}
+    for k in ("mse_mask", "measure"):
+        x, y = a[k].double().numpy(), b[k].double().numpy()
+        rise = x[idx].mean(1) / np.maximum(y[idx].mean(1), 1e-8) - 1
+        out[k] = (float(np.quantile(rise, 0.025)), float(np.quantile(rise, 0.975)))
+    return out
+
+
 def gates(g: GateConfig, challenger: dict[str, dict[str, float]], incumbent: dict[str, dict[str, float]],
-          incumbent_name: str, audit: dict[str, dict[str, float]], student_quality: float) -> Verdict:
-    """Every check, passed or not, as a reason; passed only if all hold."""
+          incumbent_name: str, audit: dict[str, dict[str, float]], student_quality: float,
+          rises: dict[str, dict[str, tuple[float, float]]] | None = None) -> Verdict:
+    """Every check, passed or not, as a reason; passed only if all hold. `rises`: the bootstrap intervals of the
+    relative rises (`rise_intervals`), reported beside them; the check reads the rise itself."""
     failed, held = [], []
 
     def check(ok: bool, text: str) -> None:
@@ -146,10 +165,14 @@ def gates(g: GateConfig, challenger: dict[str, dict[str, float]], incumbent: dic
         drop = ref["bg_psnr"] - m["bg_psnr"]
         check(drop <= g.max_bg_psnr_drop, f"{t}: background PSNR {m['bg_psnr']:.2f} dB vs {incumbent_name} "
               f"{ref['bg_psnr']:.2f} (drop {drop:.2f}, tolerance {g.max_bg_psnr_drop})")
-        for k, tol in (("mse_mask", g.max_mask_error_rise), ("measure", g.max_measure_rise)):
+        tolerances = (("mse_mask", g.max_mask_error_rise),
+                      ("measure", g.max_measure_rise_by_task.get(t, g.max_measure_rise)))
+        for k, tol in tolerances:
             rise = m[k] / max(ref[k], 1e-8) - 1
-            check(rise <= tol, f"{t}: {k} {m[k]:.4f} vs {incumbent_name} {ref[k]:.4f} ({rise:+.1%}, tolerance "
-                  f"+{tol:.0%})")
+            interval = rises.get(t, {}).get(k) if rises else None
+            within = f", 95 % interval {interval[0]:+.1%} to {interval[1]:+.1%}" if interval else ""
+            check(rise <= tol, f"{t}: {k} {m[k]:.4f} vs {incumbent_name} {ref[k]:.4f} ({rise:+.1%}{within}; "
+                  f"tolerance +{tol:.0%})")
     check(student_quality >= g.min_student_quality,
           f"student keeps {student_quality:.3f} of the teacher's quality by {' and '.join(g.student_quality_from)} "
           f"(minimum {g.min_student_quality})")
@@ -308,7 +331,14 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
             metrics[f"{c.name}.speed_ratio"] = metrics["teacher.latency_s"] / metrics[f"{c.name}.latency_s"]
 
     audit = {t: {k: metrics[f"student.audit.{t}.{k}"] for k in ("win_rate", "win_rate_low")} for t in sets}
-    verdict = gates(ev.gates, gt["student"], gt[incumbent], incumbent, audit, metrics["student.quality_ratio"])
+    rises = {t: rise_intervals(outs["student"][t], outs[incumbent][t], cond, t, ev.bootstrap, s.seed)
+             for t, cond in sets.items()}
+    for t, by in rises.items():
+        for k, (low, high) in by.items():
+            metrics |= {f"gate.{t}.{k}.rise": gt["student"][t][k] / max(gt[incumbent][t][k], 1e-8) - 1,
+                        f"gate.{t}.{k}.rise_low": low, f"gate.{t}.{k}.rise_high": high}
+    verdict = gates(ev.gates, gt["student"], gt[incumbent], incumbent, audit, metrics["student.quality_ratio"],
+                    rises)
     metrics["gate.passed"] = float(verdict.passed)
     grids = {}
     for t, cond in sets.items():

@@ -305,11 +305,14 @@ def rl_samples(gen: MaskedFlowGenerator | WeightsView, c: Conditions, rc: RLConf
     return sample_rows(gen, c, rc.sample_steps, rc.guidance, list(range(seed, seed + len(c.rows)))).cpu()
 
 
-def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
+def ground_truth_per_image(out: torch.Tensor, c: Conditions, task: str) -> dict[str, torch.Tensor]:
     b = c.batch
     m = tensors.mask_metrics(out, b["images"], b["masks"], b["targets"])
-    return {"bg_psnr": float(m["bg_psnr"].mean()), "mse_mask": float(m["mse_mask"].mean()),
-            "measure": float(task_measure(task, out, c.rows).mean())}
+    return {"bg_psnr": m["bg_psnr"], "mse_mask": m["mse_mask"], "measure": task_measure(task, out, c.rows)}
+
+
+def ground_truth(out: torch.Tensor, c: Conditions, task: str) -> dict[str, float]:
+    return {k: float(v.mean()) for k, v in ground_truth_per_image(out, c, task).items()}
 
 
 def validate(gen: MaskedFlowGenerator, val: dict[str, Conditions], rc: RLConfig, seed: int
