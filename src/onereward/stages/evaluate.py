@@ -127,6 +127,10 @@ def quality_ratio(student: dict[str, dict[str, float]], teacher: dict[str, dict[
     return {"ground_truth": gt, "audit": float(np.mean(student_wr)) / max(float(np.mean(teacher_wr)), 1e-8)}
 
 
+def relative_rise(value: float, reference: float) -> float:
+    return value / max(reference, 1e-8) - 1
+
+
 def rise_intervals(challenger: torch.Tensor, incumbent: torch.Tensor, cond: Conditions, task: str, n: int,
                    seed: int) -> dict[str, tuple[float, float]]:
     """95 % bootstrap interval of the challenger's relative rise over the incumbent in in-mask error and the task's
@@ -168,7 +172,7 @@ def gates(g: GateConfig, challenger: dict[str, dict[str, float]], incumbent: dic
         tolerances = (("mse_mask", g.max_mask_error_rise),
                       ("measure", g.max_measure_rise_by_task.get(t, g.max_measure_rise)))
         for k, tol in tolerances:
-            rise = m[k] / max(ref[k], 1e-8) - 1
+            rise = relative_rise(m[k], ref[k])
             interval = rises.get(t, {}).get(k) if rises else None
             within = f", 95 % interval {interval[0]:+.1%} to {interval[1]:+.1%}" if interval else ""
             check(rise <= tol, f"{t}: {k} {m[k]:.4f} vs {incumbent_name} {ref[k]:.4f} ({rise:+.1%}{within}; "
@@ -335,7 +339,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
              for t, cond in sets.items()}
     for t, by in rises.items():
         for k, (low, high) in by.items():
-            metrics |= {f"gate.{t}.{k}.rise": gt["student"][t][k] / max(gt[incumbent][t][k], 1e-8) - 1,
+            metrics |= {f"gate.{t}.{k}.rise": relative_rise(gt["student"][t][k], gt[incumbent][t][k]),
                         f"gate.{t}.{k}.rise_low": low, f"gate.{t}.{k}.rise_high": high}
     verdict = gates(ev.gates, gt["student"], gt[incumbent], incumbent, audit, metrics["student.quality_ratio"],
                     rises)
