@@ -110,7 +110,7 @@ def test_rise_intervals_resample_the_two_models_images_of_a_condition_together()
     import numpy as np
 
     from onereward.data.images import to_png
-    from onereward.stages.rl_finetune import Conditions, ground_truth
+    from onereward.stages.rl_finetune import Conditions, ground_truth, ground_truth_per_image
 
     rng = np.random.default_rng(0)
     mask = np.zeros((16, 16), np.uint8)
@@ -120,10 +120,11 @@ def test_rise_intervals_resample_the_two_models_images_of_a_condition_together()
                            "prompt": "remove red circle"} for _ in range(12)])
     g = torch.Generator().manual_seed(0)
     incumbent = cond.batch["targets"] + 0.3 * torch.randn(12, 3, 16, 16, generator=g)
-    same = rise_intervals(incumbent, incumbent, cond, "removal", 200, 0)
+    each = ground_truth_per_image(incumbent, cond, "removal")
+    same = rise_intervals(each, each, 200, 0)
     assert same["mse_mask"] == (0.0, 0.0) and same["measure"] == (0.0, 0.0)
     worse = incumbent + 0.3 * torch.randn(12, 3, 16, 16, generator=g)
-    iv = rise_intervals(worse, incumbent, cond, "removal", 500, 0)["mse_mask"]
+    iv = rise_intervals(ground_truth_per_image(worse, cond, "removal"), each, 500, 0)["mse_mask"]
     point = ground_truth(worse, cond, "removal")["mse_mask"] / ground_truth(incumbent, cond, "removal")["mse_mask"] - 1
     assert 0 < iv[0] < point < iv[1], (iv, point)
 

@@ -56,7 +56,6 @@ from onereward.stages.rl_finetune import (
     validation_rows,
     wins_of,
 )
-from onereward.stages.rl_finetune import ground_truth as rl_ground_truth
 
 JUDGES = ("audit", "reward")
 GT = ("bg_psnr", "bg_ssim", "mse_mask", "measure")  # higher is better for the first two, lower for the rest
@@ -80,12 +79,14 @@ def sample(c: Contender, cond: Conditions, seed: int) -> torch.Tensor:
     return sample_rows(c.gen, cond, c.steps, c.guidance, noise).cpu()  # beside the conditions' ground truth
 
 
-def ground_truth(out: torch.Tensor, cond: Conditions, task: str) -> dict[str, float]:
-    """rl_finetune's held-out measures, plus SSIM outside the mask."""
+def ground_truth(out: torch.Tensor, cond: Conditions, task: str
+                 ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """rl_finetune's held-out measures, plus SSIM outside the mask; and rl_finetune's per image (`rise_intervals`)."""
     b = cond.batch
     ssim = float(tensors.masked_ssim(out, b["images"], 1 - b["masks"]).mean())
-    gt = rl_ground_truth(out, cond, task)
-    return {"bg_psnr": gt["bg_psnr"], "bg_ssim": ssim, "mse_mask": gt["mse_mask"], "measure": gt["measure"]}
+    each = ground_truth_per_image(out, cond, task)
+    return {"bg_psnr": float(each["bg_psnr"].mean()), "bg_ssim": ssim, "mse_mask": float(each["mse_mask"].mean()),
+            "measure": float(each["measure"].mean())}, each
 
 
 def judged(judge: Judge, a: torch.Tensor, b: torch.Tensor, cond: Conditions, task: str, criteria: list[str],
@@ -131,15 +132,16 @@ def relative_rise(value: float, reference: float) -> float:
     return value / max(reference, 1e-8) - 1
 
 
-def rise_intervals(challenger: torch.Tensor, incumbent: torch.Tensor, cond: Conditions, task: str, n: int,
-                   seed: int) -> dict[str, tuple[float, float]]:
+def rise_intervals(challenger: dict[str, torch.Tensor], incumbent: dict[str, torch.Tensor], n: int, seed: int
+                   ) -> dict[str, tuple[float, float]]:
     """95 % bootstrap interval of the challenger's relative rise over the incumbent in in-mask error and the task's
-    measure, the two models' images of a condition (same noise) resampled together."""
-    a, b = (ground_truth_per_image(x, cond, task) for x in (challenger, incumbent))
-    idx = np.random.default_rng(seed).integers(0, len(cond.rows), (n, len(cond.rows)))
+    measure, from their per-image values (`ground_truth_per_image`) on the same conditions and noise: the two
+    models' images of a condition are resampled together."""
+    rows = len(incumbent["measure"])
+    idx = np.random.default_rng(seed).integers(0, rows, (n, rows))
     out = {}
     for k in ("mse_mask", "measure"):
-        x, y = a[k].double().numpy(), b[k].double().numpy()
+        x, y = challenger[k].double().numpy(), incumbent[k].double().numpy()
         rise = x[idx].mean(1) / np.maximum(y[idx].mean(1), 1e-8) - 1
         out[k] = (float(np.quantile(rise, 0.025)), float(np.quantile(rise, 0.975)))
     return out
@@ -286,6 +288,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     gt: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in contenders}
+    each: dict[str, dict[str, dict[str, torch.Tensor]]] = {c.name: {} for c in contenders}  # per image
     outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
     digests = {id(c.gen): c.gen.weights_digest() for c in contenders}  # the student serves three contenders
     sampled: dict[tuple[str, int, float], str] = {}  # (weights, steps, guidance) -> who sampled them first
@@ -294,7 +297,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
         same = sampled.setdefault((digests[id(c.gen)], c.steps, c.guidance), c.name)
         for t, cond in sets.items():
             outs[c.name][t] = outs[same][t] if same != c.name else sample(c, cond, s.seed)
-            gt[c.name][t] = ground_truth(outs[c.name][t], cond, t)
+            gt[c.name][t], each[c.name][t] = ground_truth(outs[c.name][t], cond, t)
             metrics |= {f"{c.name}.heldout.{t}.{k}": v for k, v in gt[c.name][t].items()}
         how = f"the same weights and settings as {same}: its samples" if same != c.name else "sampled"
         print(f"evaluate: {c.name} ({c.steps} steps, CFG {c.guidance}) {how} in {time.perf_counter() - t0:.1f} s: "
@@ -335,8 +338,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
             metrics[f"{c.name}.speed_ratio"] = metrics["teacher.latency_s"] / metrics[f"{c.name}.latency_s"]
 
     audit = {t: {k: metrics[f"student.audit.{t}.{k}"] for k in ("win_rate", "win_rate_low")} for t in sets}
-    rises = {t: rise_intervals(outs["student"][t], outs[incumbent][t], cond, t, ev.bootstrap, s.seed)
-             for t, cond in sets.items()}
+    rises = {t: rise_intervals(each["student"][t], each[incumbent][t], ev.bootstrap, s.seed) for t in sets}
     for t, by in rises.items():
         for k, (low, high) in by.items():
             metrics |= {f"gate.{t}.{k}.rise": relative_rise(gt["student"][t][k], gt[incumbent][t][k]),
