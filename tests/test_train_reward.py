@@ -132,6 +132,19 @@ def test_smoother_preference_counts_what_labels_and_judge_pick():
     assert smoother_preference(rows[2:], np.array([0.9]), pairs[2:], {"c": _mask()}) == {}
 
 
+def test_judge_lr_warms_up_then_holds_or_decays_towards_zero_by_the_last_step():
+    from onereward.stages.train_reward import _lr_at
+
+    r = load_config("tiny", ["reward.steps=100", "reward.warmup_steps=10", "reward.lr=0.001",
+                             "reward.lr_decay=constant"]).reward
+    assert [_lr_at(i, r) for i in (0, 9, 10, 99)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3])
+    c = r.model_copy(update={"lr_decay": "cosine"})
+    lrs = [_lr_at(i, c) for i in range(100)]
+    assert lrs[:10] == pytest.approx([_lr_at(i, r) for i in range(10)])  # the warm-up is the same
+    assert lrs[10] == pytest.approx(1e-3) and lrs[55] == pytest.approx(5e-4, rel=0.05) and lrs[99] < 1e-6
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
 def test_judges_hold_out_different_conditions():
     from onereward.stages.train_reward import _heldout
 

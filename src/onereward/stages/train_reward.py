@@ -30,6 +30,7 @@ below either, or with no such held-out pairs for a gated task, is not registered
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -260,6 +261,9 @@ def calibration_plot(p_win: np.ndarray, bins: int = 10):
 def _lr_at(step: int, r: RewardConfig) -> float:
     if r.warmup_steps and step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
+    if r.lr_decay == "cosine":
+        done = (step - r.warmup_steps) / max(r.steps - r.warmup_steps, 1)
+        return r.lr * 0.5 * (1 + math.cos(math.pi * done))
     return r.lr
 
 
