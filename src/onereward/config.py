@@ -233,7 +233,7 @@ class RewardConfig(Strict):
     batch_size: int = Field(32, ge=1)  # pairs a step; each is seen in both orders
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(0, ge=0)
-    # after the warm-up: "constant", or "cosine" to 0 at the last step (the final weights are the ones gated)
+    # after the warm-up: "constant", or "cosine" towards 0 by the last step (the last weights are the ones gated)
     lr_decay: Literal["constant", "cosine"] = "constant"
     vision_warmup_steps: int = Field(0, ge=0)  # Bradley-Terry steps on the vision tower first (train_reward)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)  # share of conditions whose pairs are held out
