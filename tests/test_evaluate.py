@@ -93,6 +93,12 @@ def test_gates_pass_within_tolerance_and_name_every_failure():
     assert "fill: audit win rate vs champion 0.50, lower bound 0.30" in vs_champion.reasons[0]
     strict = gates(GateConfig(), within, base, "base", audit, 0.97)  # the default asks it against the base too
     assert not strict.passed
+    # a challenger with the champion's weights and settings is refused for that first, whatever else holds
+    same = gates(g, within, within, "champion", {t: {"win_rate": 0.5, "win_rate_low": 0.6} for t in within}, 0.97,
+                 same_as_incumbent=True)
+    assert not same.passed and same.reasons[0] == ("FAILED: the student is the champion: the same weights and "
+                                                   "sampling settings, nothing new to promote"), same.reasons
+    assert [r for r in same.reasons if r.startswith("FAILED")] == same.reasons[:1]
     # a task's own tolerance in place of the common one; the rise's interval is reported beside it
     by_task = GateConfig(win_rate_vs_base=False, max_measure_rise_by_task={"removal": 0.15})
     rises = {"removal": {"measure": (0.02, 0.24), "mse_mask": (-0.1, 0.05)}}
@@ -232,6 +238,20 @@ def test_a_degraded_challenger_is_refused_and_the_champion_stays(crowned, regist
     assert "background PSNR" in message or "mse_mask" in message, message
     assert alias_version(registry, NAME, CHAMPION) == champion  # did not move
     assert not storage.Artifact(outputs["evaluation"]).exists()  # nothing half-written
+
+
+def test_the_champions_own_student_again_is_refused_as_nothing_new(crowned, registry, tmp_path):
+    """evaluate asked again about the student that is already the champion (a rerun whose changes did not reach the
+    student) is refused for that, by name, before the audit judge's coin flip between two equal images."""
+    champion = alias_version(registry, NAME, CHAMPION)
+    s = load_config("tiny", SMALL)
+    step = next(p for p in plan(s) if p.stage.name == "evaluate")
+    outputs = {"evaluation": str(tmp_path / "evaluation")}
+    with pytest.raises(GatesRefused) as refused:
+        execute_stage(step.stage, s, step.inputs, outputs)
+    assert "FAILED: the student is the champion: the same weights and sampling settings" in str(refused.value)
+    assert alias_version(registry, NAME, CHAMPION) == champion
+    assert not storage.Artifact(outputs["evaluation"]).exists()
 
 
 def _post(url: str, frame: dict) -> tuple[int, dict]:

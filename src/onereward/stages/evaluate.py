@@ -149,13 +149,18 @@ def rise_intervals(challenger: dict[str, torch.Tensor], incumbent: dict[str, tor
 
 def gates(g: GateConfig, challenger: dict[str, dict[str, float]], incumbent: dict[str, dict[str, float]],
           incumbent_name: str, audit: dict[str, dict[str, float]], student_quality: float,
-          rises: dict[str, dict[str, tuple[float, float]]] | None = None) -> Verdict:
+          rises: dict[str, dict[str, tuple[float, float]]] | None = None, same_as_incumbent: bool = False) -> Verdict:
     """Every check, passed or not, as a reason; passed only if all hold. `rises`: the bootstrap intervals of the
-    relative rises (`rise_intervals`), reported beside them; the check reads the rise itself."""
+    relative rises (`rise_intervals`), reported beside them; the check reads the rise itself. `same_as_incumbent`:
+    the challenger has the incumbent's weights and sampling settings, which is said first and refused."""
     failed, held = [], []
 
     def check(ok: bool, text: str) -> None:
         (held if ok else failed).append(("ok: " if ok else "FAILED: ") + text)
+
+    if same_as_incumbent:
+        check(False, f"the student is the {incumbent_name}: the same weights and sampling settings, nothing new "
+                     "to promote")
 
     if incumbent_name == "champion" or g.win_rate_vs_base:
         for t, a in audit.items():
@@ -292,9 +297,10 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
     outs: dict[str, dict[str, torch.Tensor]] = {c.name: {} for c in contenders}
     digests = {id(c.gen): c.gen.weights_digest() for c in contenders}  # the student serves three contenders
     sampled: dict[tuple[str, int, float], str] = {}  # (weights, steps, guidance) -> who sampled them first
+    sampled_by: dict[str, str] = {}  # contender -> whose samples it has (its own name, or one it equals)
     for c in contenders:
         t0 = time.perf_counter()
-        same = sampled.setdefault((digests[id(c.gen)], c.steps, c.guidance), c.name)
+        same = sampled_by[c.name] = sampled.setdefault((digests[id(c.gen)], c.steps, c.guidance), c.name)
         for t, cond in sets.items():
             outs[c.name][t] = outs[same][t] if same != c.name else sample(c, cond, s.seed)
             gt[c.name][t], each[c.name][t] = ground_truth(outs[c.name][t], cond, t)
@@ -344,7 +350,7 @@ def evaluate(ctx: StageContext) -> dict[str, float]:
             metrics |= {f"gate.{t}.{k}.rise": relative_rise(gt["student"][t][k], gt[incumbent][t][k]),
                         f"gate.{t}.{k}.rise_low": low, f"gate.{t}.{k}.rise_high": high}
     verdict = gates(ev.gates, gt["student"], gt[incumbent], incumbent, audit, metrics["student.quality_ratio"],
-                    rises)
+                    rises, same_as_incumbent=sampled_by[incumbent] == "student")
     metrics["gate.passed"] = float(verdict.passed)
     grids = {}
     for t, cond in sets.items():
