@@ -140,6 +140,12 @@ def train_step(gen: MaskedFlowGenerator, opt: torch.optim.Optimizer, data: dict,
     return loss
 
 
+def cosine_factor(done: float) -> float:
+    """The lr's share `done` (0..1, clamped) of the way along a cosine schedule from 1 to 0 (math, not numpy: the lr
+    lands in the optimizer state, which torch.load(weights_only=True) reads back)."""
+    return 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+
+
 def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
     p = s.pretrain
     ck = ckpts.resume()
@@ -150,9 +156,7 @@ def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: 
     if ck:
         ck.restore(opt, rng)
         start = ck.step
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        # math, not numpy: the lr lands in the optimizer state, which torch.load(weights_only=True) reads back
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min((i + start) / p.steps, 1.0))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_factor((i + start) / p.steps))
     data = tensors.batch_from_rows(train_rows)
     gen.train(True)
     t0 = time.perf_counter()

@@ -30,7 +30,6 @@ below either, or with no such held-out pairs for a gated task, is not registered
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from onereward.models.judge import Judge, JudgeShape, Query, Source
 from onereward.models.registry import register_judge
 from onereward.stages import GateFailed, StageContext, print_metrics
 from onereward.stages.checkpoint import Checkpoint, Checkpoints, ranks_rng
-from onereward.stages.pretrain_base import read_conditions
+from onereward.stages.pretrain_base import cosine_factor, read_conditions
 
 
 class JudgeGateFailed(GateFailed):
@@ -262,8 +261,7 @@ def _lr_at(step: int, r: RewardConfig) -> float:
     if r.warmup_steps and step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
     if r.lr_decay == "cosine":
-        done = (step - r.warmup_steps) / max(r.steps - r.warmup_steps, 1)
-        return r.lr * 0.5 * (1 + math.cos(math.pi * done))
+        return r.lr * cosine_factor((step - r.warmup_steps) / max(r.steps - r.warmup_steps, 1))
     return r.lr
 
 
