@@ -41,3 +41,20 @@ def join(ctx: StageContext) -> dict[str, float]:
     ctx.outputs["joined"].write_json("both.json", [ctx.inputs[a].read_json("who.json") for a in ("left_out",
                                                                                                   "right_out")])
     return {}
+
+
+FAIL_RANK_1 = 13  # the seed at which `ranks`' process 1 fails before the collective its peer waits in
+
+
+def ranks(ctx: StageContext) -> dict[str, float]:
+    """A data-parallel stage: every process says who it is; the main process writes what all of them said."""
+    import torch
+
+    w = ctx.workers
+    if w.rank == 1 and ctx.settings.seed == FAIL_RANK_1:
+        raise ValueError(f"{ctx.stage}: process 1: row 3, field 'mask' is empty")
+    seen = w.gather({"rank": w.rank, "world": w.world, "pid": os.getpid(), "threads": torch.get_num_threads()})
+    if not w.main:
+        return {}
+    ctx.outputs["ranks_out"].write_json("ranks.json", seen)
+    return {"processes": len(seen)}

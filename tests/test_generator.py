@@ -45,6 +45,36 @@ def test_tiny_sampling_cfg_and_rl_jump(tmp_path):
                           gen.sample(x, m, ["extend"] * 2, steps=2, seed=5), atol=1e-5)
 
 
+def test_slices_of_a_batch_average_to_the_whole_batchs_gradient():
+    """Data-parallel pretraining (`share`): processes seeded alike draw the same times and noise, each takes its
+    slice, and the mean of their gradients is the one-process gradient of the whole batch, which changes nothing
+    for one process."""
+    gen = TinyUNetGenerator.build(load_config("tiny").generator, PROMPTS, 32)
+    gen.train(True)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1, torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    m = (torch.rand(6, 1, 32, 32, generator=g) > 0.5).float()  # masks of other sizes: the weights' sums differ
+    prompts = ["extend", "fill red circle", "", 'text "A7"', "remove blue square", "extend"]
+
+    def grads(share, mask_weight):
+        gen.unet.zero_grad()
+        gen.text_encoder.zero_grad()
+        rng = torch.Generator().manual_seed(7)
+        loss = gen.training_loss(t, x, m, prompts, rng, mask_weight=mask_weight, share=share)
+        loss.backward()
+        state = rng.get_state()
+        return loss.detach(), [p.grad.clone() for p in gen.unet.parameters()], state
+
+    for weight in (1.0, 2.0):
+        whole, want, after = grads((0, 1), weight)
+        parts = [grads((r, 3), weight) for r in range(3)]
+        assert all(torch.equal(p[2], after) for p in parts)  # the same draws: the processes stay in step
+        assert torch.allclose(sum(p[0] for p in parts) / 3, whole, rtol=1e-4)
+        for i, w in enumerate(want):
+            mean = sum(p[1][i] for p in parts) / 3
+            assert torch.allclose(mean, w, rtol=1e-3, atol=1e-6), (weight, i, (mean - w).abs().max())
+        assert not torch.allclose(parts[0][1][-1], want[-1])  # a slice alone is not the batch
+
 def test_bf16_sampling_stays_close_to_fp32():
     """The sampler runs under bf16 autocast where the CPU supports it (sample_autocast "auto"); its samples must
     stay close to fp32's, and "fp32" must turn it off (then two precisions give bit-different results)."""

@@ -106,6 +106,42 @@ def test_pretrain_resumes_after_sigkill(home, tmp_path):
                         storage.Artifact(unkilled).read_json("heldout_metrics.json"))
 
 
+def _weights(art: storage.Artifact) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{rel}:{k}": v for rel in art.files("model/") if rel.endswith(".safetensors")
+            for k, v in load_file(art.local_dir() / rel).items()}
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The weights' change between two runs, relative to their size (over every tensor)."""
+    return float(sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5 / sum((a[k] ** 2).sum() for k in a) ** 0.5)
+
+
+def test_two_processes_sharing_each_batch_train_the_one_process_base(home, tmp_path):
+    """`resources.cpu_processes` buys speed, not another model: two pretrain_base processes (torchrun, gloo on the
+    CPU: what the local runner starts) draw the same batches, each computes half, and their averaged gradient is
+    the batch's. Their base is the one-process base to float rounding; another seed's is not near it."""
+    from resume import data_parallel, run_data_parallel
+
+    overrides = [*SMALL_MODEL, "pretrain.steps=30", "pretrain.autocast=fp32",  # fp32: rounding stays small
+                 "pretrain.eval_conditions=3", "pretrain.gate_samples=1"]
+    s = load_config("tiny", overrides)
+    run_pipeline(s, until="synthesize_masks", jobs=1)
+    step = next(p for p in plan(s) if p.stage.name == "pretrain_base")
+    one, two, other = (str(tmp_path / n / "base_model") for n in ("one", "two", "other_seed"))
+    execute_stage(step.stage, s, step.inputs, {"base_model": one})
+    cmd = data_parallel(stage_command("pretrain_base", step.inputs, {"base_model": two}, overrides), 2)
+    run_data_parallel(cmd, {**os.environ, "ONEREWARD_HOME": str(home), "OMP_NUM_THREADS": "1"})
+    execute_stage(step.stage, load_config("tiny", [*overrides, "seed=1"]), step.inputs, {"base_model": other})
+    w1, w2, w3 = (_weights(storage.Artifact(u)) for u in (one, two, other))
+    assert w1.keys() == w2.keys() == w3.keys()
+    apart, seeds_apart = _distance(w2, w1), _distance(w3, w1)
+    print(f"two processes vs one: {apart:.2e}; another seed vs one: {seeds_apart:.2e}")
+    assert apart < 1e-3 and seeds_apart > 100 * apart, (apart, seeds_apart)
+    m1, m2 = (storage.Artifact(u).read_json("heldout_metrics.json") for u in (one, two))
+    assert_same_metrics(m2, m1, rel=1e-2)
+
 class SpreadAroundTheTarget:
     """A stand-in generator (no training needed): each sample is the image plus its seed's zero-mean noise inside
     the mask, so one sample is further from the target than a flat fill while the mean of several is close."""

@@ -405,8 +405,15 @@ class Resources(Strict):
     # process per GPU under `accelerate launch`, each drawing its own batch (the global batch is GPUs x the stage's
     # batch size; generate_candidates' processes take its parts in turn). Not in any key, like the node pool: a
     # cached result is reused whatever the count, and a killed run resumes with another (the new processes draw
-    # afresh). The local runner runs each stage as one process.
+    # afresh). The local runner runs each stage as one process. pretrain_base is the exception to "each its own
+    # batch": its processes share `pretrain.batch_size` (below).
     gpus: dict[str, PositiveInt] = Field(default_factory=dict)
+    # Processes the local runner starts for a data-parallel stage on a machine without a GPU (stage name -> count,
+    # at most one a core, the cores shared out between them; `--jobs 1` runs it as one). pretrain_base's processes
+    # draw the same batch and each computes its slice, so the count changes the speed, not the training; the other
+    # stages' processes draw a batch each, as on GPUs. Not in any key. KFP and Airflow run a stage's pod as one
+    # process unless `gpus` gives it several.
+    cpu_processes: dict[str, PositiveInt] = Field(default_factory=dict)
     # Seconds a stage's KFP task / Airflow task may run (stage name -> seconds) before it is failed and retried by
     # its retry policy: a data-parallel process that hangs (a collective that never returns, a part never kept)
     # otherwise holds its node until someone looks. Not in any key; the local runner sets none. None by default:

@@ -123,14 +123,16 @@ class Graph:
     def with_stage(self, stage: Stage) -> Graph:
         return replace(self, stages=(*self.stages, stage))
 
-    def with_resources(self, gpus: dict[str, int], timeouts: dict[str, int]) -> Graph:
+    def with_resources(self, gpus: dict[str, int], timeouts: dict[str, int],
+                       cpu_processes: dict[str, int] | None = None) -> Graph:
         """The graph with the GPU counts of `gpus` (config `resources.gpus`: stage name -> GPUs of its pod) and the
         deadlines of `timeouts` (`resources.timeouts`: stage name -> seconds). Only a stage that runs on a GPU may
         get one, and more than one only a data-parallel stage, which runs a process per GPU; any other would leave
-        the rest idle."""
+        the rest idle. `cpu_processes` (the local runner's, checked here) likewise names data-parallel stages only."""
         from onereward.config import ConfigError
 
-        for field_name, names in (("gpus", gpus), ("timeouts", timeouts)):
+        cpu_processes = cpu_processes or {}
+        for field_name, names in (("gpus", gpus), ("timeouts", timeouts), ("cpu_processes", cpu_processes)):
             for name in names:
                 if name not in self.names:
                     raise ConfigError(f"resources.{field_name}.{name}: unknown stage {name!r}; stages: "
@@ -143,6 +145,11 @@ class Graph:
                 raise ConfigError(f"resources.gpus.{name}: stage {name!r} runs in one process and would use one "
                                  f"of {n} GPUs; only data-parallel stages "
                                  f"({', '.join(s.name for s in self.stages if s.data_parallel)}) take more")
+        for name, n in cpu_processes.items():
+            if n > 1 and not self.get(name).data_parallel:
+                raise ConfigError(f"resources.cpu_processes.{name}: stage {name!r} runs in one process; only "
+                                  f"data-parallel stages ({', '.join(s.name for s in self.stages if s.data_parallel)})"
+                                  " run as several")
         return replace(self, stages=tuple(
             replace(s, resources=replace(s.resources, gpu=gpus.get(s.name, s.resources.gpu),
                                          timeout_s=timeouts.get(s.name, s.resources.timeout_s)))
@@ -161,7 +168,7 @@ GRAPH = Graph((
           description="fill / extend / removal / text conditions with masks, prompts, targets",
           fingerprint="onereward.stages.synthesize_masks:environment_fingerprint"),
     Stage(name="pretrain_base", inputs=("conditions",), outputs=(Output("base_model", "Model"),),
-          params=("image_size", "seed", "generator", "pretrain", "tracking"), resources=GPU,
+          params=("image_size", "seed", "generator", "pretrain", "tracking"), resources=GPU, data_parallel=True,
           description="train the tiny base generator, or register an external base (flux)"),
     Stage(name="generate_candidates", inputs=("conditions", "base_model"), outputs=(Output("candidates"),),
           params=("seed", "generator", "candidates"), resources=GPU, data_parallel=True,

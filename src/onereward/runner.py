@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from onereward import distributed, storage, tracking
 from onereward.config import Settings, key_fields
@@ -157,14 +158,18 @@ class PipelineResult:
     run_id: str | None = None
 
 
-def side_by_side(steps: list[PlannedStage], jobs: int) -> list[list[PlannedStage]]:
+def side_by_side(steps: list[PlannedStage], jobs: int, processes: dict[str, int] | None = None
+                 ) -> list[list[PlannedStage]]:
     """The plan cut into groups of consecutive stages, at most `jobs` a group, none reading what another of its
-    group writes: what KFP and Airflow run as parallel tasks (the two judges) the local runner can too."""
+    group writes: what KFP and Airflow run as parallel tasks (the two judges) the local runner can too. A stage
+    run as several `processes` (stage name -> count) is a group of its own."""
+    many = {name for name, n in (processes or {}).items() if n > 1}
     groups: list[list[PlannedStage]] = []
     for p in steps:
         group = groups[-1] if groups else []
         written = {o.name for q in group for o in q.stage.outputs}
-        if group and len(group) < jobs and not written & set(p.stage.inputs):
+        alone = p.stage.name in many or any(q.stage.name in many for q in group)
+        if group and len(group) < jobs and not written & set(p.stage.inputs) and not alone:
             group.append(p)
         else:
             groups.append([p])
@@ -183,7 +188,7 @@ class ChildStageError(RuntimeError):
 def _stage_spec(stage: Stage) -> dict[str, Any]:
     return {"name": stage.name, "func": stage.func, "inputs": list(stage.inputs),
             "outputs": [[o.name, o.kind] for o in stage.outputs], "params": list(stage.params),
-            "version": stage.version, "fingerprint": stage.fingerprint}
+            "version": stage.version, "fingerprint": stage.fingerprint, "data_parallel": stage.data_parallel}
 
 
 def _stage_of(spec: dict[str, Any]) -> Stage:
@@ -191,7 +196,7 @@ def _stage_of(spec: dict[str, Any]) -> Stage:
 
     return Stage(name=spec["name"], func=spec["func"], inputs=tuple(spec["inputs"]),
                  outputs=tuple(Output(n, k) for n, k in spec["outputs"]), params=tuple(spec["params"]),
-                 version=spec["version"], fingerprint=spec["fingerprint"])
+                 version=spec["version"], fingerprint=spec["fingerprint"], data_parallel=spec["data_parallel"])
 
 
 def run_child(spec_path: str) -> int:
@@ -217,12 +222,36 @@ def run_child(spec_path: str) -> int:
     return 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launches(group: list[PlannedStage], processes: dict[str, int]) -> list[tuple[PlannedStage, str, dict[str, str]]]:
+    """Each child process of `group`: its stage, its name in the lines shown, and what its environment adds (a
+    data-parallel stage's processes: what `torchrun --standalone` would give them, gloo on the CPU)."""
+    out = []
+    for p in group:
+        n = processes.get(p.stage.name, 1)
+        if n == 1:
+            out.append((p, p.stage.name, {}))
+            continue
+        rendezvous = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": str(_free_port())}
+        out += [(p, p.stage.name if r == 0 else f"{p.stage.name}[{r}]",
+                 {**rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
+    return out
+
+
 def run_side_by_side(group: list[PlannedStage], settings: Settings, force: tuple[str, ...],
-                     parent_run_id: str) -> list[StageOutcome]:
-    """Each stage of `group` in its own process, the cores shared out between them (torch's threads scale badly
-    past what a small model can use: a judge step on 2 cores is 0.19 s with 2 threads, 0.35 s with 1, and two
-    such steps side by side take 0.35 s). Lines are shown prefixed with the stage's name. All run to the end;
-    then the first failure, in graph order, is raised."""
+                     parent_run_id: str, processes: dict[str, int] | None = None) -> list[StageOutcome]:
+    """Each stage of `group` in its own process, or in `processes[stage]` data-parallel ones, the cores shared out
+    between all of them (torch's threads scale badly past what a small model can use: a judge step on 2 cores is
+    0.19 s with 2 threads, 0.35 s with 1, and two such steps side by side take 0.35 s). Lines are shown prefixed
+    with the stage's name. All run to the end; then the first failure, in graph order, is raised."""
     import json
     import os
     import subprocess
@@ -233,35 +262,44 @@ def run_side_by_side(group: list[PlannedStage], settings: Settings, force: tuple
 
     from onereward import machine
 
-    threads = str(max(1, machine.cores() // len(group)))
+    launches = _launches(group, processes or {})
+    threads = str(max(1, machine.cores() // len(launches)))
     env = {**os.environ, tracking.PARENT_RUN_ENV: parent_run_id, "OMP_NUM_THREADS": threads,
            "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # a test's own stage modules import there too
-    width = max(len(p.stage.name) for p in group)
+    width = max(len(shown) for _, shown, _ in launches)
 
-    def relay(name: str, stream: Any) -> None:
+    def relay(name: str, shown: str, stream: Any) -> None:
         for line in stream:  # a stage's own lines start with its name already: shown once
             text = line.rstrip().removeprefix(f"{name}: ").removeprefix(f"{name} ")
-            console.out(f"{name:<{width}} | {text}", highlight=False)
+            console.out(f"{shown:<{width}} | {text}", highlight=False)
 
     with tempfile.TemporaryDirectory(prefix="onereward-side-by-side-") as tmp:
         procs, relays, specs = [], [], []
+        data_parallel = {p.stage.name for p, _, rank_env in launches if rank_env}
+        stopped: dict[Any, str] = {}  # a data-parallel process the runner stopped -> the one that failed
         try:
-            for p in group:
-                spec = Path(tmp) / f"{p.stage.name}.json"
+            for i, (p, shown, rank_env) in enumerate(launches):
+                spec = Path(tmp) / f"{i}-{p.stage.name}.json"
                 spec.write_text(json.dumps({"stage": _stage_spec(p.stage), "settings": settings.model_dump_json(),
                                             "inputs": p.inputs, "outputs": p.outputs,
                                             "force": p.stage.name in force}))
                 proc = subprocess.Popen(
                     [sys.executable, "-c", "import sys; from onereward.runner import run_child; "
                      "sys.exit(run_child(sys.argv[1]))", str(spec)],
-                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                    env={**env, **rank_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
                 procs.append(proc)
                 specs.append(spec)
-                relays.append(threading.Thread(target=relay, args=(p.stage.name, proc.stdout), daemon=True))
+                relays.append(threading.Thread(target=relay, args=(p.stage.name, shown, proc.stdout), daemon=True))
                 relays[-1].start()
-            for proc in procs:
-                proc.wait()
+            while any(proc.poll() is None for proc in procs):
+                for (p, _, rank_env), proc in zip(launches, procs, strict=True):
+                    if proc.poll() and p.stage.name in data_parallel and proc not in stopped:
+                        for (q, _, _), peer in zip(launches, procs, strict=True):  # they would wait on it
+                            if q is p and peer.poll() is None:
+                                stopped[peer] = f"process {rank_env['RANK']}"
+                                peer.terminate()
+                time.sleep(0.1)
         except BaseException:  # an interrupt: the children end their runs KILLED and drop their staged outputs
             for proc in procs:
                 proc.terminate()
@@ -272,21 +310,29 @@ def run_side_by_side(group: list[PlannedStage], settings: Settings, force: tuple
             for t, proc in zip(relays, procs, strict=False):
                 t.join(timeout=10)
                 proc.stdout.close()
-        outcomes, failures = [], []
-        for p, proc, spec in zip(group, procs, specs, strict=True):
+        outcomes, failures = [], {}
+        for (p, _, rank_env), proc, spec in zip(launches, procs, specs, strict=True):
             result = spec.with_suffix(".result.json")
             r = json.loads(result.read_text()) if result.exists() else {}
+            said = f"process {rank_env['RANK']}: " if rank_env else ""  # which of a data-parallel stage's
+            if proc in stopped:
+                failures.setdefault(p.stage.name, []).append(f"{said}stopped, as {stopped[proc]} failed")
+                continue
             if proc.returncode != 0 or "error" in r:
-                failures.append((p.stage.name, r.get("error") or f"its process exited with {proc.returncode}"))
+                failures.setdefault(p.stage.name, []).append(
+                    said + (r.get("error") or f"its process exited with {proc.returncode}"))
+                continue
+            if r["status"] == "worker":  # a data-parallel process beside the main one, which reports the run
                 continue
             if r["key"] != p.key:  # the settings did not survive the trip to the child
-                failures.append((p.stage.name, f"keyed {r['key']} in its process, {p.key} in the plan"))
+                failures.setdefault(p.stage.name, []).append(f"keyed {r['key']} in its process, {p.key} in the plan")
                 continue
             outcomes.append(StageOutcome(p.stage.name, r["status"], r["key"], dict(p.outputs), r["metrics"],
                                          r["seconds"]))
     if failures:
-        name, why = failures[0]
-        console.print(f"[red]stage {name} failed: {why}")
+        name, whys = next(iter(failures.items()))  # the first in graph order, with each of its processes' errors
+        why = "; ".join(whys)
+        console.print(f"[red]stage {name} failed: {escape(why)}")  # an error may hold "[...]"
         raise StageFailed(name, ChildStageError(why))
     return outcomes
 
@@ -311,7 +357,8 @@ def run_pipeline(
     for f in force:
         graph.get(f)
     # refuses a count or a stage the orchestrators could not honour, here too
-    graph.with_resources(settings.resources.gpus, settings.resources.timeouts)
+    res = settings.resources
+    graph.with_resources(res.gpus, res.timeouts, res.cpu_processes)
     many = {k: n for k, n in settings.resources.gpus.items() if n > 1}
     if many:
         console.print(f"resources.gpus {many}: KFP and Airflow run those stages as a process per GPU; this runner "
@@ -321,16 +368,20 @@ def run_pipeline(
     steps = planned[: graph.names.index(until) + 1] if until is not None else planned
     if jobs is None:  # a GPU is one device the stages would share (two 7B judges need not fit it together)
         jobs = machine.cores() if machine.facts()["machine.gpu"] == "none" else 1
+    # data-parallel processes on the cores; one process each where the runner runs stages one by one (jobs=1)
+    processes = {k: min(n, jobs) for k, n in res.cpu_processes.items() if min(n, jobs) > 1}
     result = PipelineResult([])
     with tracking.pipeline_run(settings.tracking.experiment, f"pipeline-{settings.profile}",
                                {"profile": settings.profile}) as run:
         result.run_id = run.info.run_id
-        for group in side_by_side(steps, max(1, jobs)):
+        for group in side_by_side(steps, max(1, jobs), processes):
             todo = [p for p in group if not is_cached(p, force)]
-            if len(todo) > 1 and PENDING not in {p.stage.func for p in todo}:
+            launched = len(todo) > 1 or any(p.stage.name in processes for p in todo)
+            if launched and PENDING not in {p.stage.func for p in todo}:
                 names = " + ".join(p.stage.name for p in group)
-                console.rule(f"[bold]{done + 1}-{done + len(group)}/{n} {names} (side by side)")
-                outcomes = {o.stage: o for o in run_side_by_side(todo, settings, force, result.run_id)}
+                console.rule(f"[bold]{done + 1}-{done + len(group)}/{n} {names} (side by side)" if len(group) > 1
+                             else f"[bold]{done + 1}/{n} {names} ({processes[names]} data-parallel processes)")
+                outcomes = {o.stage: o for o in run_side_by_side(todo, settings, force, result.run_id, processes)}
                 for p in group:
                     o = outcomes.get(p.stage.name) or StageOutcome(p.stage.name, "cached", p.key, dict(p.outputs))
                     result.outcomes.append(o)
@@ -347,7 +398,7 @@ def run_pipeline(
                     result.stopped_at = p.stage.name
                     return result
                 except Exception as e:
-                    console.print(f"[red]stage {p.stage.name} failed: {type(e).__name__}: {e}")
+                    console.print(f"[red]stage {p.stage.name} failed: {type(e).__name__}: {escape(str(e))}")
                     raise StageFailed(p.stage.name, e) from e
                 result.outcomes.append(outcome)
                 _report(outcome)

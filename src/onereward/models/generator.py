@@ -196,9 +196,13 @@ class MaskedFlowGenerator(ABC):
         return None
 
     def training_loss(self, targets, images, masks, prompts, generator: torch.Generator,
-                      mask_weight: float = 1.0) -> torch.Tensor:
+                      mask_weight: float = 1.0, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Rectified-flow loss with x0-prediction; t from a logit-normal (more weight mid-trajectory).
-        `mask_weight` > 1 spends more of the loss on the region to generate than on the region to keep."""
+        `mask_weight` > 1 spends more of the loss on the region to generate than on the region to keep.
+
+        `share` (rank, processes): this process's slice of the batch. The times and noise of the whole batch are
+        drawn, so processes seeded alike stay in step, and the slice's loss is scaled so that the mean of the
+        processes' gradients is the whole batch's gradient."""
         targets, images, masks = self._place(targets, images, masks)
         with torch.no_grad():
             z0 = self.to_model_space(targets)
@@ -207,9 +211,18 @@ class MaskedFlowGenerator(ABC):
         eps = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
         tt = t.view(b, *([1] * (z0.dim() - 1)))
         z_t = (1 - tt) * z0 + tt * eps
+        weights = self.region_weights(masks, mask_weight) if mask_weight != 1.0 else None
+        rank, world = share
+        if world > 1:
+            weights = torch.ones_like(z0[:, :1]) if weights is None else weights
+            denominator = weights.sum() * z0.shape[1]  # the whole batch's
+            part = slice(rank * b // world, (rank + 1) * b // world)
+            z0, z_t, t, images, masks = z0[part], z_t[part], t[part], images[part], masks[part]
+            weights, prompts = weights[part], prompts[part]
         x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts)).float()
         z0 = z0.float()  # a bf16 target under an fp32 prediction fails mse_loss's backward
-        weights = self.region_weights(masks, mask_weight) if mask_weight != 1.0 else None
+        if world > 1:
+            return world * (weights * (x0 - z0) ** 2).sum() / denominator
         if weights is None:
             return F.mse_loss(x0, z0)
         return (weights * (x0 - z0) ** 2).sum() / (weights.sum() * x0.shape[1])

@@ -146,7 +146,8 @@ def build_dag(graph: Graph = GRAPH, *, dag_id: str = "onereward_retraining", mod
     gpu_image = os.environ.get("ONEREWARD_GPU_IMAGE", "ghcr.io/onereward/onereward:0.1.0-gpu")
     namespace = os.environ.get("ONEREWARD_NAMESPACE", "onereward")
     settings = load_config(config, overrides)  # parsed once; pydantic + YAML only, no network
-    graph = graph.with_resources(settings.resources.gpus, settings.resources.timeouts)
+    graph = graph.with_resources(settings.resources.gpus, settings.resources.timeouts,
+                                 settings.resources.cpu_processes)
     root_override = _root_override(settings)
     dag = DAG(
         dag_id=dag_id,

@@ -73,7 +73,7 @@ def build_pipeline(graph: Graph = GRAPH, settings: Settings | None = None, *, im
     from kfp import kubernetes as k8s
 
     res = settings.resources if settings else Settings().resources
-    graph = graph.with_resources(res.gpus, res.timeouts)
+    graph = graph.with_resources(res.gpus, res.timeouts, res.cpu_processes)
     if local:
         comps = python_components(graph)
     else:

@@ -10,7 +10,9 @@ Metrics: `train_loss`, `lr`; per task `heldout.<task>.{bg_psnr,mse_mask,mask_cor
 `heldout.<task>.beats_baselines`.
 
 The flux profile trains nothing here: it registers the external base checkpoint (`generator.base_uri`).
-Training resumes from the last checkpoint (kept under the stage's scratch URI) when killed.
+Training resumes from the last checkpoint (kept under the stage's scratch URI) when killed. Data-parallel processes
+(`resources.cpu_processes`, or torchrun / accelerate) share each batch of `pretrain.batch_size` (`train_step`); the
+main process alone logs (`train_loss` is its slice's), checkpoints, measures and registers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from onereward import storage, tracking
 from onereward.config import TASKS, PretrainConfig, Settings
 from onereward.data import schema
 from onereward.data.images import to_png
+from onereward.distributed import ONE_PROCESS, Workers
 from onereward.models import tensors
 from onereward.models.generator import MaskedFlowGenerator, autocast, load_generator
 from onereward.models.registry import register_generator
@@ -125,16 +128,19 @@ def check_gate(metrics: dict[str, float], tasks: list[str]) -> None:
 
 
 def train_step(gen: MaskedFlowGenerator, opt: torch.optim.Optimizer, data: dict, rng: torch.Generator,
-               p: PretrainConfig) -> torch.Tensor:
-    """One optimiser step on a random batch of `data` (also what benchmarks/bench_train.py measures)."""
+               p: PretrainConfig, workers: Workers = ONE_PROCESS) -> torch.Tensor:
+    """One optimiser step on a random batch of `data` (also what benchmarks/bench_train.py measures). Several
+    data-parallel `workers`, seeded alike, draw the same batch and each computes its slice of it: the step is the
+    one process's step, on more cores (its loss is this process's slice's, scaled to the batch)."""
     idx = torch.randint(0, len(data["prompts"]), (p.batch_size,), generator=rng)
     # 10% empty prompts teach the unconditional prediction that true CFG needs.
     prompts = ["" if torch.rand(1, generator=rng).item() < 0.1 else data["prompts"][i] for i in idx]
     with autocast(p.autocast, gen.device):
         loss = gen.training_loss(data["targets"][idx], data["images"][idx], data["masks"][idx], prompts, rng,
-                                 mask_weight=p.mask_loss_weight)
+                                 mask_weight=p.mask_loss_weight, share=(workers.rank, workers.world))
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    workers.average_gradients(gen.parameters())
     torch.nn.utils.clip_grad_norm_(list(gen.parameters()), 1.0)
     opt.step()
     return loss
@@ -146,7 +152,8 @@ def cosine_factor(done: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
 
 
-def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: list[str]) -> MaskedFlowGenerator:
+def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: list[str],
+          workers: Workers = ONE_PROCESS) -> MaskedFlowGenerator:
     p = s.pretrain
     ck = ckpts.resume()
     gen = load_generator(ck.folder("model")) if ck else TinyUNetGenerator.build(s.generator, all_prompts,
@@ -160,17 +167,17 @@ def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: 
     data = tensors.batch_from_rows(train_rows)
     gen.train(True)
     t0 = time.perf_counter()
-    with Progress(transient=False) as bar:
+    with Progress(transient=False, disable=not workers.main) as bar:
         task = bar.add_task("pretrain_base", total=p.steps, completed=start)
         for step in range(start, p.steps):
-            loss = train_step(gen, opt, data, rng, p)
+            loss = train_step(gen, opt, data, rng, p, workers)
             sched.step()
             bar.advance(task)
-            if not bar.console.is_terminal and step % 50 == 0:  # plain progress lines for pod/task logs
+            if workers.main and not bar.console.is_terminal and step % 50 == 0:  # plain lines for pod/task logs
                 print(f"pretrain_base: step {step}/{p.steps} loss {loss.item():.4f}", flush=True)
             if step % 10 == 0 or step == p.steps - 1:
                 tracking.log_metrics({"train_loss": loss.item(), "lr": sched.get_last_lr()[0]}, step=step)
-            if ckpts.due(step + 1, p.steps):
+            if workers.main and ckpts.due(step + 1, p.steps):
                 ckpts.save(step + 1, opt, rng, folders={"model": gen.save})
     tracking.log_metrics({"train_seconds": time.perf_counter() - t0,
                           "seconds_per_step": (time.perf_counter() - t0) / max(p.steps - start, 1)})
@@ -194,7 +201,7 @@ def _register_external(ctx: StageContext) -> dict[str, float]:
 def pretrain_base(ctx: StageContext) -> dict[str, float]:
     s = ctx.settings
     if s.generator.kind != "tiny_unet":
-        return _register_external(ctx)
+        return _register_external(ctx) if ctx.workers.main else {}
     if s.pretrain.threads:
         torch.set_num_threads(s.pretrain.threads)
     conditions = ctx.inputs["conditions"]
@@ -204,7 +211,13 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
     prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
     ckpts = Checkpoints(ctx, s.pretrain.checkpoint_every)
-    gen = train(s, ckpts, train_rows, [*prompts, s.generator.negative_prompt])
+    gen = train(s, ckpts, train_rows, [*prompts, s.generator.negative_prompt], ctx.workers)
+    if ctx.workers.world > 1 and len(set(ctx.workers.gather(gen.weights_digest()))) > 1:
+        raise RuntimeError("pretrain_base: the data-parallel processes ended with different weights")
+    if not ctx.workers.main:  # the main process measures, writes and registers
+        return {}
+    if ctx.workers.world > 1:  # on the cores the others leave (the local runner gave each process its share)
+        torch.set_num_threads(torch.get_num_threads() * ctx.workers.world)
 
     metrics, grids = evaluate_generator(gen, heldout, s.pretrain.eval_steps, s.seed, s.pretrain.sample_grid_rows,
                                         s.pretrain.gate_samples)
