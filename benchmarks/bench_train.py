@@ -2,12 +2,14 @@
 achieves, and the ratio to a 1024x1024 matmul measured in the same run with the same threads and dtype.
 
 Loops measured: pretrain_base (the tiny UNet generator's step, as `stages.pretrain_base.train_step` runs
-it), with bf16 autocast off and on; train_reward (one pairwise step of the tiny judge: both orders, backward,
-AdamW, as `stages.train_reward.fit_judge` runs it); rl_finetune (one `stages.rl_finetune.rl_step`, as in
+it), with bf16 autocast off and on, and as `--processes` data-parallel processes that share each batch (what
+`resources.cpu_processes` starts: the threads shared out, gloo between them), its step time against one
+process's; train_reward (one pairwise step of the tiny judge: both orders, backward, AdamW, as
+`stages.train_reward.fit_judge` runs it); rl_finetune (one `stages.rl_finetune.rl_step`, as in
 benchmarks/bench_rl.py); distill (one `stages.distill.distill_step` of the student on teacher states, bf16
 autocast where the stage's default "auto" turns it on).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--batch 32]
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--batch 32] [--processes 2]
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int = 1024, seconds: float = 2.0) 
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def pretrain_loop(batch: int, autocast: str):
-    """A step function of the pretrain loop on synthetic rows (the cost does not depend on the pixels)."""
+def pretrain_loop(batch: int, autocast: str, workers=None):
+    """A step function of the pretrain loop on synthetic rows (the cost does not depend on the pixels); as one of
+    several data-parallel `workers` (onereward.distributed.Workers) when given."""
     from onereward.config import load_config
     from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.pretrain_base import train_step
@@ -49,7 +52,47 @@ def pretrain_loop(batch: int, autocast: str):
             "masks": (torch.rand(n, 1, size, size, generator=g) > 0.6).float(),
             "prompts": [prompts[i % 4] for i in range(n)]}
     gen.train(True)
-    return lambda: train_step(gen, opt, data, g, s.pretrain)
+    if workers is None:
+        return lambda: train_step(gen, opt, data, g, s.pretrain)
+    return lambda: train_step(gen, opt, data, g, s.pretrain, workers)
+
+
+def _pretrain_process(rank: int, world: int, threads: int, batch: int, autocast: str, steps: int, out) -> None:
+    import torch.distributed as dist
+
+    from onereward.distributed import Workers
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    step = pretrain_loop(batch, autocast, Workers(rank, world))
+    for _ in range(2):
+        step()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if rank == 0:
+        out.put((time.perf_counter() - start) / steps)
+    dist.destroy_process_group()
+
+
+def data_parallel_seconds(processes: int, batch: int, autocast: str, steps: int) -> float:
+    """Seconds a pretrain step as `processes` processes sharing each batch, the threads shared out between them."""
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    threads = max(1, torch.get_num_threads() // processes)
+    mp.start_processes(_pretrain_process, (processes, threads, batch, autocast, steps, out), nprocs=processes,
+                       start_method="spawn")
+    return out.get()
 
 
 def judge_loop(batch: int):
@@ -128,6 +171,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--bf16", action="store_true", help="measure the bf16 pretrain loop without AVX-512 BF16 too")
+    ap.add_argument("--processes", type=int, default=2, help="data-parallel pretrain processes (1: not measured)")
     args = ap.parse_args()
     has_bf16 = torch.cpu._is_avx512_bf16_supported()
     print(f"CPU: {cpu_model()}; threads: {torch.get_num_threads()}, AVX-512 BF16: {has_bf16}")
@@ -143,13 +187,20 @@ def main() -> None:
     for dtype in dtypes:  # the autocast mode is named like the dtype
         flops, sec = measure(pretrain_loop(args.batch, dtype), args.steps)
         rate = flops / sec
-        rows.append((dtype, sec))
+        rows.append((dtype, sec, flops))
         print(f"pretrain_base [{dtype}] batch {args.batch}: {flops / 1e9:.1f} GFLOP/step, {sec:.3f} s/step, "
               f"{rate / 1e9:.0f} GFLOP/s = {rate / peak[dtype]:.2f}x the {dtype} matmul, "
               f"{rate / peak['fp32']:.2f}x the fp32 matmul")
     if len(rows) == 2:
         print(f"pretrain_base bf16 vs fp32 step time: {rows[0][1] / rows[1][1]:.2f}x faster")
     auto = "bf16" if has_bf16 else "fp32"  # what autocast "auto" picks here
+    if args.processes > 1:
+        _, one, flops = next(r for r in rows if r[0] == auto)
+        sec = data_parallel_seconds(args.processes, args.batch, auto, args.steps)
+        threads = max(1, torch.get_num_threads() // args.processes)
+        print(f"pretrain_base [{auto}] batch {args.batch} as {args.processes} processes x {threads} thread(s), each "
+              f"its slice: {sec:.3f} s/step, {flops / sec / 1e9:.0f} GFLOP/s = {flops / sec / peak['fp32']:.2f}x the "
+              f"fp32 matmul; {one / sec:.2f}x the one-process step's speed ({one:.3f} s/step)")
     for name, loop, batch, dtype in (("train_reward", judge_loop, 32, "fp32"), ("rl_finetune", rl_loop, 8, "fp32"),
                                      ("distill", distill_loop, 32, auto)):
         flops, sec = measure(loop(batch), args.steps)

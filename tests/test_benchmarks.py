@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize(("script", "args", "says"), [
-    ("bench_train.py", ["--steps", "1", "--batch", "4"], "x the fp32 matmul"),
+    ("bench_train.py", ["--steps", "1", "--batch", "4"], "x the one-process step's speed"),  # its last ratio
     ("bench_reward.py", ["--pairs", "16", "--batch", "8"], "ratio"),
     ("bench_rl.py", ["--steps", "1", "--batch", "2"], "EMA / base step time ratio"),
     ("bench_sampling.py", ["--batch", "4", "--repeats", "1"], "auto vs fp32"),
