@@ -142,6 +142,14 @@ def test_two_processes_sharing_each_batch_train_the_one_process_base(home, tmp_p
     m1, m2 = (storage.Artifact(u).read_json("heldout_metrics.json") for u in (one, two))
     assert_same_metrics(m2, m1, rel=1e-2)
 
+def test_a_batch_smaller_than_the_processes_is_refused_by_name():
+    from onereward.distributed import Workers
+    from onereward.stages.pretrain_base import train
+
+    s = load_config("tiny", ["pretrain.batch_size=1"])
+    with pytest.raises(ValueError, match="pretrain.batch_size 1: 2 data-parallel processes share each batch"):
+        train(s, None, [], [], Workers(rank=0, world=2))
+
 class SpreadAroundTheTarget:
     """A stand-in generator (no training needed): each sample is the image plus its seed's zero-mean noise inside
     the mask, so one sample is further from the target than a flat fill while the mean of several is close."""

@@ -155,6 +155,9 @@ def cosine_factor(done: float) -> float:
 def train(s: Settings, ckpts: Checkpoints, train_rows: list[dict], all_prompts: list[str],
           workers: Workers = ONE_PROCESS) -> MaskedFlowGenerator:
     p = s.pretrain
+    if p.batch_size < workers.world:
+        raise ValueError(f"pretrain.batch_size {p.batch_size}: {workers.world} data-parallel processes share each "
+                         "batch, so it must hold at least one row for each")
     ck = ckpts.resume()
     gen = load_generator(ck.folder("model")) if ck else TinyUNetGenerator.build(s.generator, all_prompts,
                                                                                  s.image_size, s.seed)
