@@ -38,6 +38,7 @@ def pretrain_loop(batch: int, autocast: str, workers=None):
     """A step function of the pretrain loop on synthetic rows (the cost does not depend on the pixels); as one of
     several data-parallel `workers` (onereward.distributed.Workers) when given."""
     from onereward.config import load_config
+    from onereward.distributed import ONE_PROCESS
     from onereward.models.tiny_unet import TinyUNetGenerator
     from onereward.stages.pretrain_base import train_step
 
@@ -52,9 +53,7 @@ def pretrain_loop(batch: int, autocast: str, workers=None):
             "masks": (torch.rand(n, 1, size, size, generator=g) > 0.6).float(),
             "prompts": [prompts[i % 4] for i in range(n)]}
     gen.train(True)
-    if workers is None:
-        return lambda: train_step(gen, opt, data, g, s.pretrain)
-    return lambda: train_step(gen, opt, data, g, s.pretrain, workers)
+    return lambda: train_step(gen, opt, data, g, s.pretrain, workers or ONE_PROCESS)
 
 
 def _pretrain_process(rank: int, world: int, threads: int, batch: int, autocast: str, steps: int, out) -> None:
@@ -79,14 +78,12 @@ def _pretrain_process(rank: int, world: int, threads: int, batch: int, autocast:
 def data_parallel_seconds(processes: int, batch: int, autocast: str, steps: int) -> float:
     """Seconds a pretrain step as `processes` processes sharing each batch, the threads shared out between them."""
     import os
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from onereward.runner import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     threads = max(1, torch.get_num_threads() // processes)

@@ -222,7 +222,8 @@ def run_child(spec_path: str) -> int:
     return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback now: a data-parallel rendezvous's."""
     import socket
 
     with socket.socket() as sock:
@@ -240,7 +241,7 @@ def _launches(group: list[PlannedStage], processes: dict[str, int]) -> list[tupl
             out.append((p, p.stage.name, {}))
             continue
         rendezvous = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": str(_free_port())}
+                      "MASTER_PORT": str(free_port())}
         out += [(p, p.stage.name if r == 0 else f"{p.stage.name}[{r}]",
                  {**rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(n)]
     return out

@@ -213,19 +213,18 @@ class MaskedFlowGenerator(ABC):
         z_t = (1 - tt) * z0 + tt * eps
         weights = self.region_weights(masks, mask_weight) if mask_weight != 1.0 else None
         rank, world = share
+        if world > 1 and weights is None:
+            weights = torch.ones_like(z0[:, :1])  # the uniform loss as weights: the slices share its denominator
+        denominator = None if weights is None else weights.sum() * z0.shape[1]  # the whole batch's
         if world > 1:
-            weights = torch.ones_like(z0[:, :1]) if weights is None else weights
-            denominator = weights.sum() * z0.shape[1]  # the whole batch's
             part = slice(rank * b // world, (rank + 1) * b // world)
             z0, z_t, t, images, masks = z0[part], z_t[part], t[part], images[part], masks[part]
             weights, prompts = weights[part], prompts[part]
         x0 = self.predict_x0(z_t, t, self.condition(images, masks), self.encode_text(prompts)).float()
         z0 = z0.float()  # a bf16 target under an fp32 prediction fails mse_loss's backward
-        if world > 1:
-            return world * (weights * (x0 - z0) ** 2).sum() / denominator
         if weights is None:
             return F.mse_loss(x0, z0)
-        return (weights * (x0 - z0) ** 2).sum() / (weights.sum() * x0.shape[1])
+        return world * (weights * (x0 - z0) ** 2).sum() / denominator
 
 
 def tensors_digest(named: Iterable[tuple[str, torch.Tensor]], prefix: bytes = b"") -> str:

@@ -209,7 +209,9 @@ def pretrain_base(ctx: StageContext) -> dict[str, float]:
         torch.set_num_threads(s.pretrain.threads)
     conditions = ctx.inputs["conditions"]
     train_rows = load_conditions(conditions, "train")
-    heldout = heldout_by_task(load_conditions(conditions, "heldout"), s.pretrain.eval_conditions)
+    # read before training, so a bad row fails the run first; the main process alone measures
+    heldout = (heldout_by_task(load_conditions(conditions, "heldout"), s.pretrain.eval_conditions)
+               if ctx.workers.main else {})
     if not train_rows:
         raise ValueError(f"conditions {conditions.uri}: no train rows with a target to learn from")
     prompts = [r["prompt"] for r in conditions.read_table(columns=["prompt"]).to_pylist()]
